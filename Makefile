@@ -1,0 +1,28 @@
+# lazypull: the two set-up commands are `make demo` and `make test`.
+CARGO ?= cargo
+
+.PHONY: build test demo bench lint clean
+
+build:
+	$(CARGO) build --release --workspace
+
+## Run every test: unit, property and integration tests against a real registry
+## (docker-registry from Debian must be installed; .ci/run installs it).
+test:
+	$(CARGO) test --workspace --locked -- --test-threads=4
+
+## Lint as CI does.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+## Fetcher throughput and cache latency benchmark (prints ratios against curl).
+bench:
+	$(CARGO) run --release -p lazypull-benches --bin fetch-bench
+
+## Demo: starts a throw-away registry, pushes an image, and inspects it with lazypull.
+demo:
+	./scripts/demo.sh
+
+clean:
+	$(CARGO) clean

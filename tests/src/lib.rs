@@ -1,0 +1,33 @@
+//! Test harness for lazypull: real parts started and torn down by the tests themselves.
+//!
+//! - [`registry::TestRegistry`]: a real `docker-registry` (CNCF distribution 2.8) process on a
+//!   free loopback port with its own config and storage in a temp dir, optionally behind htpasswd
+//!   or token authentication. Killed by PID and cleaned up on drop (also when a test panics).
+//! - [`token::TokenIssuer`]: a Docker registry token server (ES256 JWTs with an `x5c` chain that
+//!   the real registry verifies against its `rootcertbundle`).
+//! - [`proxy::CountingProxy`]: an HTTP/1.1 reverse proxy that records every request and can add
+//!   latency, throttle bandwidth, drop `Range` headers, reject multi-range requests, inject
+//!   failures and abort bodies.
+//! - [`push::Pusher`]: puts blobs, manifests, images and indexes into a registry over HTTP.
+//! - [`util`]: free ports, deterministic random data, gzip.
+//!
+//! Everything here may panic with a descriptive message on failure: it is test code.
+
+pub mod proxy;
+pub mod push;
+pub mod registry;
+mod server;
+pub mod token;
+pub mod util;
+
+pub use lazypull_fetcher::Digest;
+pub use proxy::{BodyOutcome, CountingProxy, RecordedRequest};
+pub use push::{
+    ImageSpec, Layer, ManifestFormat, PushAuth, PushedImage, Pusher, MEDIA_TYPE_DOCKER_CONFIG,
+    MEDIA_TYPE_DOCKER_LAYER_GZIP, MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST_LIST,
+    MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_LAYER, MEDIA_TYPE_OCI_LAYER_GZIP,
+    MEDIA_TYPE_OCI_LAYER_ZSTD, MEDIA_TYPE_OCI_MANIFEST,
+};
+pub use registry::{RegistryAuth, TestRegistry};
+pub use token::{Access, CredentialCheck, TokenIssuer, TokenIssuerConfig, TokenRequest};
+pub use util::{free_port, gzip, pid_alive, random_bytes};
