@@ -70,9 +70,9 @@ pub enum Error {
         /// What was fetched.
         what: String,
         /// The digest asked for.
-        expected: Digest,
+        expected: Box<Digest>,
         /// The digest of what arrived.
-        actual: Digest,
+        actual: Box<Digest>,
     },
     /// The response was malformed (short body, bad Content-Range, bad JSON...).
     #[error("invalid response from {host} for {what}: {detail}")]

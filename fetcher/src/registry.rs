@@ -126,7 +126,7 @@ struct Inner {
     /// Credentials by host, looked up once (helpers are slow).
     creds: Mutex<HashMap<String, Option<Credentials>>>,
     /// Redirected blob URLs: (registry, repository, digest) -> (url, fetched at).
-    redirects: Mutex<HashMap<(String, String, Digest), (Url, Instant)>>,
+    redirects: Mutex<HashMap<BlobKey, (Url, Instant)>>,
     /// Hosts seen answering a Range request with the whole blob.
     no_range: Mutex<HashSet<String>>,
     requests: AtomicU64,
@@ -134,6 +134,9 @@ struct Inner {
     blob_bytes: AtomicU64,
     retries: AtomicU64,
 }
+
+/// A blob in a repository: (registry, repository, digest).
+type BlobKey = (String, String, Digest);
 
 /// Outcome of one attempt inside a retry loop.
 enum Attempt {
@@ -284,8 +287,8 @@ impl Registry {
             if expected != actual {
                 return Err(Error::DigestMismatch {
                     what: target.what,
-                    expected,
-                    actual,
+                    expected: Box::new(expected),
+                    actual: Box::new(actual),
                 });
             }
         }
@@ -413,8 +416,8 @@ impl Registry {
                 if actual != *digest {
                     return Err(Attempt::Fatal(Error::DigestMismatch {
                         what: what.clone(),
-                        expected: *digest,
-                        actual,
+                        expected: Box::new(*digest),
+                        actual: Box::new(actual),
                     }));
                 }
                 Ok(total)
@@ -760,9 +763,13 @@ impl Registry {
                 .and_then(parse_challenge);
             if reauthed || header_challenge.is_none() {
                 let detail = error_detail(resp).await;
-                let hint = match (&auth, &challenge) {
-                    (None, _) => format!("{detail}; no credentials found for {}: log in with `docker login {}` or `podman login {}`", ep.host, ep.host, ep.host),
-                    (Some(_), _) => format!("{detail}; the credentials for {} were rejected or lack access", ep.host),
+                let creds = self
+                    .credentials(&ep.host, target.reference.registry())
+                    .await
+                    .map_err(Attempt::Fatal)?;
+                let hint = match creds {
+                    None => format!("{detail}; no credentials found for {}: log in with `docker login {}` or `podman login {}`", ep.host, ep.host, ep.host),
+                    Some(c) => format!("{detail}; the credentials of user {:?} for {} were rejected or lack access to this repository", c.username, ep.host),
                 };
                 return Err(Attempt::Fatal(Error::Unauthorized {
                     host: ep.host.clone(),
@@ -1012,8 +1019,8 @@ fn verify(digest: &Digest, data: &[u8], what: &str) -> Result<(), Error> {
     } else {
         Err(Error::DigestMismatch {
             what: what.to_string(),
-            expected: *digest,
-            actual,
+            expected: Box::new(*digest),
+            actual: Box::new(actual),
         })
     }
 }
