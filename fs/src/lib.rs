@@ -1,1 +1,6 @@
-//! lazypull-fs: image layer formats and the lazy FUSE filesystem (built in the lazy layer filesystem issue).
+//! lazypull-fs: image layer formats and the lazy FUSE filesystem.
+//!
+//! [`toc`] is the one in-memory model of a layer that every format reader fills and the
+//! filesystem serves from.
+
+pub mod toc;
