@@ -1,6 +1,14 @@
 //! lazypull-fs: image layer formats and the lazy FUSE filesystem.
 //!
-//! [`toc`] is the one in-memory model of a layer that every format reader fills and the
-//! filesystem serves from.
+//! - [`toc`]: the one in-memory model of a layer that every format reader fills and the
+//!   filesystem serves from.
+//! - [`estargz`]: the eStargz reader (footer + TOC -> model) and writer.
+//! - [`chunks`]: the data path: cache, fetch, decompress, verify; read-ahead, prefetch, fill.
+//! - [`fuse`]: the read-only FUSE filesystem of one layer (async reads, passthrough).
+//! - [`open`]: opening a registry layer for lazy reading.
 
+pub mod chunks;
+pub mod estargz;
+pub mod fuse;
+pub mod open;
 pub mod toc;

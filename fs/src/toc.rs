@@ -336,7 +336,7 @@ pub fn split_path(path: &str) -> Result<Vec<&str>, TocError> {
         .split('/')
         .filter(|c| !c.is_empty() && *c != ".")
         .collect();
-    if parts.iter().any(|c| *c == "..") {
+    if parts.contains(&"..") {
         return Err(bad());
     }
     Ok(parts)

@@ -1,17 +1,22 @@
 //! The `lazypull` command: CLI, daemon and thin OCI runtime.
 //!
-//! Only the registry-facing commands exist so far (`inspect`, `fetch`); `serve`, `pull`, `run`
-//! and the rest arrive with their issues. Flags follow ctr/nerdctl/podman conventions.
+//! Commands so far: `inspect` and `fetch` (registry), `mount`/`umount` (lazy image mounts through
+//! the mount server); `serve`, `pull`, `run` and the rest arrive with their issues. Flags follow
+//! ctr/nerdctl/podman conventions.
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::ExitCode;
+mod mountd;
 
-use anyhow::{Context, Result};
+use std::io::{BufRead, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use lazypull_fetcher::credentials::CredentialStore;
 use lazypull_fetcher::hosts::HostsConfig;
-use lazypull_fetcher::{Digest, Platform, Reference, Registry, RegistryConfig};
+use lazypull_fetcher::{CacheConfig, Digest, Platform, Reference, Registry, RegistryConfig};
 
 /// Lazy-pulling image filesystem, snapshotter and thin container runtime.
 ///
@@ -29,6 +34,24 @@ struct Cli {
     /// Talk plain HTTP to this registry host (repeatable), like nerdctl --insecure-registry.
     #[arg(long = "insecure-registry", global = true, value_name = "HOST")]
     insecure: Vec<String>,
+
+    /// State directory: chunk cache, layer mount points, the mount server's socket and log.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        default_value = "/var/lib/lazypull"
+    )]
+    root: PathBuf,
+
+    /// Chunk cache budget in MiB; least recently used chunks are evicted beyond it.
+    #[arg(long, global = true, value_name = "MIB", default_value_t = 10240)]
+    cache_mib: u64,
+
+    /// After mounting a layer, fetch all of it in the background at low priority so it
+    /// becomes fully local.
+    #[arg(long, global = true, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    background_fill: bool,
 
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -64,11 +87,43 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Mount an image read-only at DIR, its layers fetched lazily (eStargz), merged with
+    /// overlayfs. Returns once the mount is usable; the mount server (started on demand)
+    /// keeps serving it until `lazypull umount DIR`.
+    Mount {
+        /// Image reference.
+        image: String,
+        /// Existing directory to mount on.
+        dir: PathBuf,
+        /// Platform to select from a multi-platform image (OS/ARCH[/VARIANT]); default: this host.
+        #[arg(long)]
+        platform: Option<String>,
+    },
+    /// Unmount an image mounted with `lazypull mount`, and its layers unless other images use them.
+    #[command(alias = "unmount")]
+    Umount {
+        /// The mount point.
+        dir: PathBuf,
+    },
+    /// List images mounted with `lazypull mount`.
+    Mounts,
+    /// Run the mount server in the foreground (started automatically by `lazypull mount`).
+    #[command(hide = true)]
+    MountServer,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if matches!(cli.command, Command::MountServer) {
+        return match mount_server(&cli) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lazypull mount-server: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -161,6 +216,135 @@ async fn run(cli: Cli) -> Result<()> {
                 output.display()
             );
         }
+        Command::Mount {
+            image,
+            dir,
+            platform,
+        } => {
+            let dir = std::fs::canonicalize(dir)
+                .with_context(|| format!("mount point {}", dir.display()))?;
+            ensure_server(&cli).await?;
+            let reply = mountd::request(
+                &cli.root,
+                &mountd::Request::Mount {
+                    image: image.clone(),
+                    mountpoint: dir,
+                    platform: platform.clone(),
+                },
+            )
+            .await?;
+            finish(reply)?;
+        }
+        Command::Umount { dir } => {
+            let dir = std::fs::canonicalize(dir)
+                .with_context(|| format!("mount point {}", dir.display()))?;
+            let reply = mountd::request(&cli.root, &mountd::Request::Umount { mountpoint: dir })
+                .await
+                .context("is anything mounted? no mount server is running for this --root")?;
+            finish(reply)?;
+        }
+        Command::Mounts => {
+            let reply: mountd::Reply = mountd::request(&cli.root, &mountd::Request::List)
+                .await
+                .unwrap_or_default();
+            let mut stdout = std::io::stdout().lock();
+            for m in reply.mounts {
+                let state = if m.complete { "complete" } else { "lazy" };
+                writeln!(
+                    stdout,
+                    "{}\t{}\t{} layers\t{state}",
+                    m.mountpoint.display(),
+                    m.image,
+                    m.layers.len()
+                )?;
+            }
+        }
+        Command::MountServer => bail!("mount-server is handled before the runtime starts"),
     }
     Ok(())
+}
+
+fn finish(reply: mountd::Reply) -> Result<()> {
+    if let Some(m) = &reply.message {
+        eprintln!("{m}");
+    }
+    match reply.error {
+        Some(e) if !reply.ok => bail!("{e}"),
+        _ => Ok(()),
+    }
+}
+
+/// Starts the mount server for `--root` unless one answers already.
+async fn ensure_server(cli: &Cli) -> Result<()> {
+    if tokio::net::UnixStream::connect(mountd::socket_path(&cli.root))
+        .await
+        .is_ok()
+    {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&cli.root)
+        .with_context(|| format!("creating {}", cli.root.display()))?;
+    let log_path = cli.root.join("mount-server.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("finding the lazypull executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--root").arg(&cli.root);
+    cmd.arg("--cache-mib").arg(cli.cache_mib.to_string());
+    cmd.arg("--background-fill")
+        .arg(cli.background_fill.to_string());
+    for d in &cli.hosts_dir {
+        cmd.arg("--hosts-dir").arg(d);
+    }
+    for h in &cli.insecure {
+        cmd.arg("--insecure-registry").arg(h);
+    }
+    cmd.arg("mount-server")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .process_group(0);
+    let mut child = cmd.spawn().context("starting the mount server")?;
+    let stdout = child.stdout.take().context("mount server stdout")?;
+    let pid = child.id();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        line
+    });
+    let line = tokio::time::timeout(Duration::from_secs(30), line)
+        .await
+        .context("the mount server did not become ready within 30 s")??;
+    if line.trim() != "READY" {
+        bail!(
+            "the mount server failed to start; see {}",
+            log_path.display()
+        );
+    }
+    eprintln!(
+        "started the lazypull mount server (pid {pid}, log {})",
+        log_path.display()
+    );
+    Ok(())
+}
+
+fn mount_server(cli: &Cli) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let registry = registry(cli);
+    let options = mountd::ServeOptions {
+        cache: CacheConfig {
+            budget_bytes: cli.cache_mib << 20,
+            ..CacheConfig::default()
+        },
+        background_fill: cli.background_fill,
+    };
+    let root: &Path = &cli.root;
+    rt.block_on(mountd::serve(root.to_path_buf(), registry, options, || {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "READY");
+        let _ = out.flush();
+    }))
 }

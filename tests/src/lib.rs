@@ -18,6 +18,7 @@ pub mod push;
 pub mod registry;
 mod server;
 pub mod token;
+pub mod tree;
 pub mod util;
 
 pub use lazypull_fetcher::Digest;

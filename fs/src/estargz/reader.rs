@@ -1,0 +1,1643 @@
+//! Reading eStargz: footer -> TOC member -> verified TOC JSON -> [`crate::toc::Layer`].
+//!
+//! Everything here is pure and synchronous: the caller fetches the blob's tail (see
+//! [`tail_read_len`]) and hands the bytes over, so the same code serves HTTP range reads, local
+//! files and tests, and a hostile blob can at worst produce an error (never a panic, never an
+//! unbounded allocation: every size taken from the blob is checked against [`ReaderConfig`]).
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::io::Read;
+
+use base64::Engine as _;
+use flate2::read::GzDecoder;
+use lazypull_fetcher::digest::Verifier;
+use lazypull_fetcher::Digest;
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::Number;
+
+use super::{
+    parse_rfc3339, EstargzError, EXTERNAL_TOC_FOOTER_SIZE, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
+    TOC_TAR_NAME,
+};
+use crate::toc::{split_path, Chunk, Entry, Kind, Layer, LayerBuilder, TocError};
+
+/// Size of the eStargz footer: gzip header (10) + XLEN (2) + Extra (`SG`, LEN, 22 bytes) (26) +
+/// empty stored deflate block (5) + gzip trailer (8).
+pub const FOOTER_SIZE: usize = 51;
+
+/// Size of the footer of the original (CRFS) stargz: like eStargz but the Extra field is the
+/// bare `%016xSTARGZ` without the RFC 1952 subfield header. Still found in old images.
+pub const LEGACY_FOOTER_SIZE: usize = 47;
+
+const GZIP_MAGIC: [u8; 3] = [0x1f, 0x8b, 0x08];
+const FHCRC: u8 = 0x02;
+const FEXTRA: u8 = 0x04;
+const FNAME: u8 = 0x08;
+const FCOMMENT: u8 = 0x10;
+const FRESERVED: u8 = 0xe0;
+/// The body of an empty gzip member as Go's `NoCompression` writes it: a final stored block of
+/// length 0, then CRC32 0 and ISIZE 0.
+const EMPTY_MEMBER_BODY: [u8; 13] = [0x01, 0x00, 0x00, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0];
+const EXTERNAL_TOC_MAGIC: &[u8] = b"STARGZEXTERNALTOC";
+/// Decompressed bytes allowed in the TOC member beyond the JSON itself (tar headers, PAX
+/// records, padding and the end-of-archive blocks).
+const TOC_TAR_SLACK: u64 = 64 * 1024;
+
+/// Limits on what a blob may make the reader allocate. A TOC comes from an untrusted registry
+/// before its digest can be checked, so each size it claims is bounded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReaderConfig {
+    /// Largest compressed TOC member accepted (default 64 MiB).
+    pub max_toc_bytes: u64,
+    /// Largest decompressed TOC JSON accepted (default 256 MiB).
+    pub max_toc_json_bytes: u64,
+    /// Most TOC entries (files plus chunks) accepted (default 4 Mi).
+    pub max_entries: usize,
+}
+
+impl Default for ReaderConfig {
+    fn default() -> Self {
+        ReaderConfig {
+            max_toc_bytes: 64 << 20,
+            max_toc_json_bytes: 256 << 20,
+            max_entries: 4 << 20,
+        }
+    }
+}
+
+/// What the blob's last bytes say about where its TOC is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Footer {
+    /// eStargz footer (51 bytes).
+    Estargz {
+        /// Blob offset of the TOC's gzip member.
+        toc_offset: u64,
+    },
+    /// Legacy stargz footer (47 bytes).
+    Legacy {
+        /// Blob offset of the TOC's gzip member.
+        toc_offset: u64,
+    },
+    /// The TOC lives outside the blob (46-byte footer ending in `STARGZEXTERNALTOC`).
+    /// Recognised so the error can say so, but not supported.
+    ExternalToc,
+}
+
+/// What the layer wants prefetched first, from its landmark entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetch {
+    /// `.no.prefetch.landmark`: the builder decided nothing is worth prefetching.
+    None,
+    /// `.prefetch.landmark`: chunks whose gzip members start before `blob_offset` belong to the
+    /// files the workload reads first; fetch `[0, blob_offset)` eagerly.
+    Until {
+        /// Blob offset of the landmark entry's member.
+        blob_offset: u64,
+    },
+    /// No landmark: the builder said nothing either way.
+    Unspecified,
+}
+
+/// A parsed and verified TOC.
+#[derive(Debug)]
+pub struct OpenedToc {
+    /// The layer's tree and chunk table.
+    pub layer: Layer,
+    /// SHA-256 of the TOC JSON, to compare with (or record as) the manifest annotation.
+    pub toc_digest: Digest,
+    /// Blob offset of the TOC member (the end of the data area).
+    pub toc_offset: u64,
+    /// Prefetch hint from the landmark entries.
+    pub prefetch: Prefetch,
+    /// Uncompressed size of the layer tar. eStargz does not record it inside the blob, so the
+    /// reader leaves it `None`; callers that have the `io.containers.estargz.uncompressed-size`
+    /// annotation fill it in.
+    pub uncompressed_size: Option<u64>,
+}
+
+/// Parses the footer at the end of `tail` (the last bytes of the blob; give at least
+/// [`FOOTER_SIZE`] when the blob is that large). Tries the 51-byte eStargz footer, then the
+/// 47-byte legacy one, then the 46-byte external-TOC one; returns the footer and its length.
+pub fn parse_footer(tail: &[u8]) -> Result<(Footer, usize), EstargzError> {
+    if tail.len() < EXTERNAL_TOC_FOOTER_SIZE {
+        return Err(EstargzError::TruncatedFooter {
+            len: tail.len(),
+            min: EXTERNAL_TOC_FOOTER_SIZE,
+        });
+    }
+    let mut problems = Vec::new();
+    for size in [FOOTER_SIZE, LEGACY_FOOTER_SIZE, EXTERNAL_TOC_FOOTER_SIZE] {
+        let Some(bytes) = tail.len().checked_sub(size).and_then(|s| tail.get(s..)) else {
+            problems.push(format!("{size}-byte footer: blob tail too short"));
+            continue;
+        };
+        let parsed = match size {
+            FOOTER_SIZE => parse_estargz_footer(bytes),
+            LEGACY_FOOTER_SIZE => parse_legacy_footer(bytes),
+            _ => parse_external_footer(bytes),
+        };
+        match parsed {
+            Ok(f) => return Ok((f, size)),
+            Err(e) => problems.push(format!("as a {size}-byte footer: {e}")),
+        }
+    }
+    Err(EstargzError::BadFooter {
+        detail: problems.join("; "),
+    })
+}
+
+/// Checks the fixed parts of a footer member and returns its Extra field.
+fn footer_extra(p: &[u8]) -> Result<&[u8], String> {
+    if p.get(..3) != Some(&GZIP_MAGIC[..]) {
+        return Err("no gzip header (1f 8b 08) at its start".into());
+    }
+    let flags = p.get(3).copied().unwrap_or(0);
+    if flags & FEXTRA == 0 {
+        return Err("gzip header has no Extra field".into());
+    }
+    if flags & (FHCRC | FNAME | FCOMMENT | FRESERVED) != 0 {
+        return Err(format!("unexpected gzip header flags {flags:#04x}"));
+    }
+    let xlen = match p.get(10..12) {
+        Some(&[a, b]) => u16::from_le_bytes([a, b]) as usize,
+        _ => return Err("truncated gzip header".into()),
+    };
+    let extra = p
+        .get(12..12 + xlen)
+        .ok_or_else(|| format!("Extra field of {xlen} bytes does not fit"))?;
+    let body = p.get(12 + xlen..).unwrap_or(&[]);
+    if body != EMPTY_MEMBER_BODY {
+        return Err(format!(
+            "gzip body is not an empty stored block with a zero trailer ({} bytes after the Extra field)",
+            body.len()
+        ));
+    }
+    Ok(extra)
+}
+
+fn parse_hex_offset(hex: &[u8]) -> Result<u64, String> {
+    if hex.len() != 16 || !hex.iter().all(u8::is_ascii_hexdigit) {
+        return Err(format!(
+            "TOC offset {:?} is not 16 hex digits",
+            String::from_utf8_lossy(hex)
+        ));
+    }
+    let s = std::str::from_utf8(hex).map_err(|e| e.to_string())?;
+    u64::from_str_radix(s, 16).map_err(|e| e.to_string())
+}
+
+fn parse_estargz_footer(p: &[u8]) -> Result<Footer, String> {
+    let extra = footer_extra(p)?;
+    if extra.len() != 26 {
+        return Err(format!("Extra field is {} bytes, expected 26", extra.len()));
+    }
+    if extra.get(..2) != Some(&b"SG"[..]) {
+        return Err("Extra subfield id is not 'SG'".into());
+    }
+    if extra.get(2..4) != Some(&[22u8, 0][..]) {
+        return Err("Extra subfield length is not 22".into());
+    }
+    if extra.get(20..) != Some(&b"STARGZ"[..]) {
+        return Err("magic STARGZ missing from the Extra subfield".into());
+    }
+    let toc_offset = parse_hex_offset(extra.get(4..20).unwrap_or(&[]))?;
+    Ok(Footer::Estargz { toc_offset })
+}
+
+fn parse_legacy_footer(p: &[u8]) -> Result<Footer, String> {
+    let extra = footer_extra(p)?;
+    if extra.len() != 22 {
+        return Err(format!("Extra field is {} bytes, expected 22", extra.len()));
+    }
+    if extra.get(16..) != Some(&b"STARGZ"[..]) {
+        return Err("magic STARGZ missing from the Extra field".into());
+    }
+    let toc_offset = parse_hex_offset(extra.get(..16).unwrap_or(&[]))?;
+    Ok(Footer::Legacy { toc_offset })
+}
+
+fn parse_external_footer(p: &[u8]) -> Result<Footer, String> {
+    let extra = footer_extra(p)?;
+    if extra.len() != 21
+        || extra.get(..2) != Some(&b"SG"[..])
+        || extra.get(2..4) != Some(&[17u8, 0][..])
+        || extra.get(4..) != Some(EXTERNAL_TOC_MAGIC)
+    {
+        return Err("Extra field is not the external-TOC marker".into());
+    }
+    Ok(Footer::ExternalToc)
+}
+
+/// How many bytes from the end of a blob of `blob_size` bytes to read first. One read should
+/// usually bring the footer and the whole TOC (saving a round trip); a compressed TOC is
+/// typically well under 2% of its layer, so read 1/64 of the blob, at least 1 MiB and at most
+/// 16 MiB, never more than the blob. A larger TOC costs one more read via
+/// [`EstargzError::NeedMore`].
+pub fn tail_read_len(blob_size: u64) -> u64 {
+    (blob_size / 64).clamp(1 << 20, 16 << 20).min(blob_size)
+}
+
+/// Parses, verifies and builds the layer from the blob's tail.
+///
+/// `tail` holds bytes `[tail_start, blob_size)` of the blob; it must include the whole TOC
+/// member and the footer, otherwise [`EstargzError::NeedMore`] says from which offset to read
+/// (the size limits are checked first, so a hostile footer cannot make the caller fetch
+/// gigabytes). With `expected_toc_digest` (the manifest's
+/// `containerd.io/snapshot/stargz/toc.digest` annotation) the TOC JSON is checked before any
+/// entry is trusted.
+pub fn open_toc(
+    tail: &[u8],
+    tail_start: u64,
+    blob_size: u64,
+    expected_toc_digest: Option<&Digest>,
+    cfg: &ReaderConfig,
+) -> Result<OpenedToc, EstargzError> {
+    let tail_len = tail.len();
+    let tail_end = u64::try_from(tail_len)
+        .ok()
+        .and_then(|l| tail_start.checked_add(l));
+    if tail_end != Some(blob_size) {
+        return Err(EstargzError::BadTail {
+            tail_start,
+            tail_len,
+            blob_size,
+        });
+    }
+    if tail_len < FOOTER_SIZE && tail_start > 0 {
+        return Err(EstargzError::NeedMore {
+            from: blob_size.saturating_sub(FOOTER_SIZE as u64),
+        });
+    }
+    let (footer, footer_len) = parse_footer(tail)?;
+    let toc_offset = match footer {
+        Footer::Estargz { toc_offset } | Footer::Legacy { toc_offset } => toc_offset,
+        Footer::ExternalToc => return Err(EstargzError::ExternalTocUnsupported),
+    };
+    // parse_footer succeeded, so the tail (and the blob) holds at least footer_len bytes.
+    let footer_start = blob_size.saturating_sub(footer_len as u64);
+    if toc_offset >= blob_size {
+        return Err(EstargzError::TocOffsetOutOfRange {
+            toc_offset,
+            blob_size,
+        });
+    }
+    if toc_offset >= footer_start {
+        return Err(EstargzError::TocOffsetInFooter {
+            toc_offset,
+            footer_start,
+            footer_len,
+        });
+    }
+    let toc_len = footer_start - toc_offset;
+    if toc_len > cfg.max_toc_bytes {
+        return Err(EstargzError::TooLarge {
+            what: "compressed TOC member",
+            size: toc_len,
+            limit: cfg.max_toc_bytes,
+        });
+    }
+    if toc_offset < tail_start {
+        return Err(EstargzError::NeedMore { from: toc_offset });
+    }
+    let member = usize::try_from(toc_offset - tail_start)
+        .ok()
+        .zip(usize::try_from(footer_start - tail_start).ok())
+        .and_then(|(a, b)| tail.get(a..b))
+        .ok_or(EstargzError::NeedMore { from: toc_offset })?;
+
+    let tar_bytes = decompress_toc_member(member, toc_offset, cfg)?;
+    let json = toc_json_in_tar(&tar_bytes, toc_offset, cfg)?;
+    let toc_digest = Digest::sha256_of(json);
+    if let Some(expected) = expected_toc_digest {
+        let mut v = Verifier::new(expected.algorithm());
+        v.update(json);
+        let actual = v.finish();
+        if actual != *expected {
+            return Err(EstargzError::TocDigestMismatch {
+                expected: Box::new(*expected),
+                actual: Box::new(actual),
+            });
+        }
+    }
+    let converted = parse_toc_json(json, toc_offset, cfg)?;
+    drop(tar_bytes);
+    let (layer, prefetch) = converted.build()?;
+    Ok(OpenedToc {
+        layer,
+        toc_digest,
+        toc_offset,
+        prefetch,
+        uncompressed_size: None,
+    })
+}
+
+/// Decompresses the TOC's gzip member, refusing to produce more than the JSON limit allows.
+fn decompress_toc_member(
+    member: &[u8],
+    offset: u64,
+    cfg: &ReaderConfig,
+) -> Result<Vec<u8>, EstargzError> {
+    if member.get(..2) != Some(&GZIP_MAGIC[..2]) {
+        return Err(EstargzError::TocGzip {
+            offset,
+            detail: "member does not start with the gzip magic 1f 8b".into(),
+        });
+    }
+    let limit = cfg.max_toc_json_bytes.saturating_add(TOC_TAR_SLACK);
+    let mut out = Vec::new();
+    GzDecoder::new(member)
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(|e| EstargzError::TocGzip {
+            offset,
+            detail: e.to_string(),
+        })?;
+    let got = out.len() as u64;
+    if got > limit {
+        return Err(EstargzError::TooLarge {
+            what: "decompressed TOC member",
+            size: got,
+            limit,
+        });
+    }
+    Ok(out)
+}
+
+/// Finds the `stargz.index.json` entry in the decompressed TOC member and returns its bytes,
+/// checking the size the tar header claims against what is actually there.
+fn toc_json_in_tar<'a>(
+    tar_bytes: &'a [u8],
+    offset: u64,
+    cfg: &ReaderConfig,
+) -> Result<&'a [u8], EstargzError> {
+    let bad = |detail: String| EstargzError::TocTar { offset, detail };
+    let mut archive = tar::Archive::new(tar_bytes);
+    let mut entries = archive.entries().map_err(|e| bad(e.to_string()))?;
+    let entry = match entries.next() {
+        None => return Err(bad("the member holds no tar entry".into())),
+        Some(Err(e)) => return Err(bad(e.to_string())),
+        Some(Ok(e)) => e,
+    };
+    let name = entry.path_bytes();
+    if &*name != TOC_TAR_NAME.as_bytes() {
+        return Err(bad(format!(
+            "first entry is named {:?}",
+            String::from_utf8_lossy(&name)
+        )));
+    }
+    if !entry.header().entry_type().is_file() {
+        return Err(bad(format!(
+            "entry has tar type {:?}, not a regular file",
+            entry.header().entry_type()
+        )));
+    }
+    let size = entry.size();
+    if size > cfg.max_toc_json_bytes {
+        return Err(EstargzError::TooLarge {
+            what: "TOC JSON",
+            size,
+            limit: cfg.max_toc_json_bytes,
+        });
+    }
+    let start = entry.raw_file_position();
+    let available = (tar_bytes.len() as u64).saturating_sub(start);
+    start
+        .checked_add(size)
+        .and_then(|end| {
+            let s = usize::try_from(start).ok()?;
+            let e = usize::try_from(end).ok()?;
+            tar_bytes.get(s..e)
+        })
+        .ok_or_else(|| {
+            bad(format!(
+                "tar header claims {size} bytes of JSON but the member holds only {available} after the header"
+            ))
+        })
+}
+
+/// One TOC entry as JSON. Numbers are kept as [`Number`] so negative, fractional or huge
+/// values get a precise error instead of serde's generic one; unknown fields (`NumLink`,
+/// `userName`, ...) are ignored.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct JsonEntry {
+    name: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    size: Option<Number>,
+    modtime: Option<String>,
+    #[serde(rename = "linkName")]
+    link_name: Option<String>,
+    mode: Option<Number>,
+    uid: Option<Number>,
+    gid: Option<Number>,
+    offset: Option<Number>,
+    #[serde(rename = "innerOffset")]
+    inner_offset: Option<Number>,
+    #[serde(rename = "devMajor")]
+    dev_major: Option<Number>,
+    #[serde(rename = "devMinor")]
+    dev_minor: Option<Number>,
+    xattrs: Option<BTreeMap<String, Option<String>>>,
+    digest: Option<String>,
+    #[serde(rename = "chunkOffset")]
+    chunk_offset: Option<Number>,
+    #[serde(rename = "chunkSize")]
+    chunk_size: Option<Number>,
+    #[serde(rename = "chunkDigest")]
+    chunk_digest: Option<String>,
+}
+
+/// The non-empty regular file whose chunk list `chunk` entries may still extend.
+struct OpenFile {
+    /// Position in [`Converter::entries`].
+    pos: usize,
+    /// Its normalised path, to check `chunk` entries' names against.
+    path: String,
+}
+
+/// Turns TOC entries into model entries as the JSON is parsed, so the JSON entries are never
+/// all held at once.
+struct Converter {
+    toc_offset: u64,
+    max_entries: usize,
+    seen: usize,
+    /// (TOC index, entry); chunk `blob_len`s are filled in by [`Converter::build`].
+    entries: Vec<(usize, Entry)>,
+    /// Every member start named by any entry, to find where each chunk's member ends.
+    offsets: Vec<u64>,
+    open: Option<OpenFile>,
+    no_prefetch: bool,
+    prefetch_at: Option<u64>,
+}
+
+fn num_u64(
+    index: usize,
+    name: &str,
+    field: &'static str,
+    n: &Option<Number>,
+) -> Result<Option<u64>, EstargzError> {
+    match n {
+        None => Ok(None),
+        Some(n) => n.as_u64().map(Some).ok_or_else(|| EstargzError::BadEntry {
+            index,
+            name: name.to_string(),
+            detail: format!("{field} {n} is not a non-negative 64-bit integer"),
+        }),
+    }
+}
+
+fn num_u32(
+    index: usize,
+    name: &str,
+    field: &'static str,
+    n: &Option<Number>,
+) -> Result<u32, EstargzError> {
+    match num_u64(index, name, field, n)? {
+        None => Ok(0),
+        Some(v) => u32::try_from(v).map_err(|_| EstargzError::BadEntry {
+            index,
+            name: name.to_string(),
+            detail: format!("{field} {v} does not fit in 32 bits"),
+        }),
+    }
+}
+
+fn parse_digest(
+    index: usize,
+    name: &str,
+    field: &'static str,
+    s: &Option<String>,
+) -> Result<Option<Digest>, EstargzError> {
+    match s.as_deref() {
+        None | Some("") => Ok(None),
+        Some(s) => s.parse().map(Some).map_err(|e| EstargzError::BadEntry {
+            index,
+            name: name.to_string(),
+            detail: format!("{field}: {e}"),
+        }),
+    }
+}
+
+impl Converter {
+    fn new(toc_offset: u64, max_entries: usize) -> Converter {
+        Converter {
+            toc_offset,
+            max_entries,
+            seen: 0,
+            entries: Vec::new(),
+            offsets: Vec::new(),
+            open: None,
+            no_prefetch: false,
+            prefetch_at: None,
+        }
+    }
+
+    /// Validates an `offset`/`innerOffset`-like blob offset of entry `index`.
+    fn blob_offset(
+        &self,
+        index: usize,
+        name: &str,
+        field: &'static str,
+        n: &Option<Number>,
+    ) -> Result<Option<u64>, EstargzError> {
+        let Some(n) = n else { return Ok(None) };
+        let out_of_range = |offset: i128| EstargzError::OffsetOutOfRange {
+            index,
+            name: name.to_string(),
+            field,
+            offset,
+            toc_offset: self.toc_offset,
+        };
+        if let Some(v) = n.as_u64() {
+            if v >= self.toc_offset {
+                return Err(out_of_range(i128::from(v)));
+            }
+            return Ok(Some(v));
+        }
+        if let Some(v) = n.as_i64() {
+            return Err(out_of_range(i128::from(v)));
+        }
+        Err(EstargzError::BadEntry {
+            index,
+            name: name.to_string(),
+            detail: format!("{field} {n} is not an integer"),
+        })
+    }
+
+    fn add(&mut self, index: usize, je: JsonEntry) -> Result<(), EstargzError> {
+        self.seen += 1;
+        if self.seen > self.max_entries {
+            return Err(EstargzError::TooManyEntries {
+                limit: self.max_entries,
+            });
+        }
+        let name = je.name.clone().unwrap_or_default();
+        let offset = self.blob_offset(index, &name, "offset", &je.offset)?;
+        if let Some(o) = offset {
+            self.offsets.push(o);
+        }
+        let kind = je.kind.as_deref().unwrap_or("");
+        let kind = match kind {
+            "chunk" => return self.add_chunk(index, &name, &je, offset),
+            "dir" => Kind::Dir,
+            "reg" | "hardlink" => Kind::File,
+            "symlink" => Kind::Symlink,
+            "char" => Kind::CharDevice,
+            "block" => Kind::BlockDevice,
+            "fifo" => Kind::Fifo,
+            other => {
+                return Err(EstargzError::UnknownType {
+                    index,
+                    name,
+                    kind: other.to_string(),
+                })
+            }
+        };
+        let is_hardlink = je.kind.as_deref() == Some("hardlink");
+        self.finish_file()?;
+
+        let parts = split_path(&name).map_err(|source| EstargzError::Layer {
+            index,
+            name: name.clone(),
+            source,
+        })?;
+        let path = parts.join("/");
+        if path == PREFETCH_LANDMARK {
+            self.prefetch_at = offset.or(self.prefetch_at);
+            return Ok(());
+        }
+        if path == NO_PREFETCH_LANDMARK {
+            self.no_prefetch = true;
+            return Ok(());
+        }
+
+        let bad = |detail: String| EstargzError::BadEntry {
+            index,
+            name: name.clone(),
+            detail,
+        };
+        let mut e = Entry::new(name.clone(), kind);
+        let mode = num_u64(index, &name, "mode", &je.mode)?.unwrap_or(0);
+        e.mode = (mode & 0o7777) as u32;
+        e.uid = num_u32(index, &name, "uid", &je.uid)?;
+        e.gid = num_u32(index, &name, "gid", &je.gid)?;
+        e.mtime = match je.modtime.as_deref() {
+            None | Some("") => 0,
+            Some(t) => parse_rfc3339(t)
+                .ok_or_else(|| bad(format!("modtime {t:?} is not an RFC 3339 time")))?,
+        };
+        if let Some(x) = &je.xattrs {
+            for (k, v) in x {
+                let value = match v {
+                    None => Vec::new(),
+                    Some(v) => base64::engine::general_purpose::STANDARD
+                        .decode(v)
+                        .map_err(|err| bad(format!("xattr {k:?} is not valid base64: {err}")))?,
+                };
+                e.xattrs.push((k.clone(), value));
+            }
+        }
+        match je.kind.as_deref() {
+            Some("symlink") => e.link_target = je.link_name.clone(),
+            Some("hardlink") => {
+                let target = je
+                    .link_name
+                    .clone()
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| bad("hard link without linkName".into()))?;
+                e.hardlink_target = Some(target);
+            }
+            Some("char") | Some("block") => {
+                e.dev_major = num_u32(index, &name, "devMajor", &je.dev_major)?;
+                e.dev_minor = num_u32(index, &name, "devMinor", &je.dev_minor)?;
+            }
+            _ => {}
+        }
+        if kind == Kind::File && !is_hardlink {
+            e.digest = parse_digest(index, &name, "digest", &je.digest)?;
+            e.size = num_u64(index, &name, "size", &je.size)?.unwrap_or(0);
+            if e.size > 0 {
+                let chunk = self.chunk_of(index, &name, &je, offset, e.size)?;
+                e.chunks.push(chunk);
+                self.open = Some(OpenFile {
+                    pos: self.entries.len(),
+                    path,
+                });
+            }
+        }
+        self.entries.push((index, e));
+        Ok(())
+    }
+
+    /// The chunk a `reg` or `chunk` entry describes (`blob_len` still 0).
+    fn chunk_of(
+        &self,
+        index: usize,
+        name: &str,
+        je: &JsonEntry,
+        offset: Option<u64>,
+        file_size: u64,
+    ) -> Result<Chunk, EstargzError> {
+        let bad = |detail: String| EstargzError::BadEntry {
+            index,
+            name: name.to_string(),
+            detail,
+        };
+        let blob_offset = offset.ok_or_else(|| bad("file data without an offset".into()))?;
+        let file_offset = num_u64(index, name, "chunkOffset", &je.chunk_offset)?.unwrap_or(0);
+        let size = match num_u64(index, name, "chunkSize", &je.chunk_size)? {
+            Some(s) if s > 0 => s,
+            // 0 or absent: the chunk runs to the end of the file.
+            _ => file_size.checked_sub(file_offset).ok_or_else(|| {
+                bad(format!(
+                    "chunkOffset {file_offset} lies beyond the file size {file_size}"
+                ))
+            })?,
+        };
+        let inner_offset = num_u64(index, name, "innerOffset", &je.inner_offset)?.unwrap_or(0);
+        if inner_offset.checked_add(size).is_none() {
+            return Err(bad(format!(
+                "innerOffset {inner_offset} plus chunk size {size} overflows"
+            )));
+        }
+        Ok(Chunk {
+            file_offset,
+            size,
+            blob_offset,
+            blob_len: 0,
+            inner_offset,
+            digest: parse_digest(index, name, "chunkDigest", &je.chunk_digest)?,
+        })
+    }
+
+    fn add_chunk(
+        &mut self,
+        index: usize,
+        name: &str,
+        je: &JsonEntry,
+        offset: Option<u64>,
+    ) -> Result<(), EstargzError> {
+        let orphan = |detail: String| EstargzError::OrphanChunk {
+            index,
+            name: name.to_string(),
+            detail,
+        };
+        let Some(open) = &self.open else {
+            return Err(orphan(String::new()));
+        };
+        if !name.is_empty() {
+            let same = split_path(name).is_ok_and(|p| p.join("/") == open.path);
+            if !same {
+                return Err(orphan(format!(" (it follows {:?})", open.path)));
+            }
+        }
+        let pos = open.pos;
+        let file_size = self.entries.get(pos).map(|(_, e)| e.size).unwrap_or(0);
+        let chunk = self.chunk_of(index, name, je, offset, file_size)?;
+        if let Some((_, e)) = self.entries.get_mut(pos) {
+            e.chunks.push(chunk);
+        }
+        Ok(())
+    }
+
+    /// Closes the open file: a single chunk without `chunkDigest` takes the file's `digest`;
+    /// every chunk must then have a digest, since unverifiable data is never served.
+    fn finish_file(&mut self) -> Result<(), EstargzError> {
+        let Some(open) = self.open.take() else {
+            return Ok(());
+        };
+        let Some((index, e)) = self.entries.get_mut(open.pos) else {
+            return Ok(());
+        };
+        if let [only] = e.chunks.as_mut_slice() {
+            if only.digest.is_none() {
+                only.digest = e.digest;
+            }
+        }
+        if let Some(c) = e.chunks.iter().find(|c| c.digest.is_none()) {
+            return Err(EstargzError::BadEntry {
+                index: *index,
+                name: e.path.clone(),
+                detail: format!(
+                    "chunk at file offset {} has no chunkDigest (nor is it a whole file with a digest), so it could not be verified",
+                    c.file_offset
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Fills chunk lengths and builds the tree.
+    fn build(mut self) -> Result<(Layer, Prefetch), EstargzError> {
+        self.finish_file()?;
+        let mut offsets = std::mem::take(&mut self.offsets);
+        offsets.sort_unstable();
+        offsets.dedup();
+        let toc_offset = self.toc_offset;
+        for (_, e) in &mut self.entries {
+            for c in &mut e.chunks {
+                let i = offsets.partition_point(|&o| o <= c.blob_offset);
+                let next = offsets.get(i).copied().unwrap_or(toc_offset);
+                c.blob_len = next.saturating_sub(c.blob_offset);
+            }
+        }
+        drop(offsets);
+
+        let mut b = LayerBuilder::new();
+        let mut deferred: Vec<Deferred> = Vec::new();
+        let mut deferred_by_path: HashMap<String, usize> = HashMap::new();
+        for (index, entry) in std::mem::take(&mut self.entries) {
+            let layer_err = |source: TocError, name: &str| EstargzError::Layer {
+                index,
+                name: name.to_string(),
+                source,
+            };
+            if !deferred_by_path.is_empty() {
+                let path = norm(&entry.path);
+                if let Some(j) = deferred_by_path.remove(&path) {
+                    if let Some(d) = deferred.get_mut(j) {
+                        d.superseded = true;
+                    }
+                }
+            }
+            match &entry.hardlink_target {
+                Some(target) => match b.add(entry.clone()) {
+                    Ok(()) => {}
+                    // A target that comes later (a reordered layer): link once all is known.
+                    Err(TocError::BadHardlink { .. }) => {
+                        let path = norm(&entry.path);
+                        let target = norm(target);
+                        deferred_by_path.insert(path, deferred.len());
+                        deferred.push(Deferred {
+                            index,
+                            entry,
+                            target,
+                            superseded: false,
+                        });
+                    }
+                    Err(e) => return Err(layer_err(e, &entry.path)),
+                },
+                None => {
+                    let name = entry.path.clone();
+                    b.add(entry).map_err(|e| layer_err(e, &name))?;
+                }
+            }
+        }
+        for i in hardlink_order(&deferred, &deferred_by_path)? {
+            let Some(d) = deferred.get(i) else { continue };
+            b.add(d.entry.clone())
+                .map_err(|source| EstargzError::Layer {
+                    index: d.index,
+                    name: d.entry.path.clone(),
+                    source,
+                })?;
+        }
+        let prefetch = if self.no_prefetch {
+            Prefetch::None
+        } else if let Some(blob_offset) = self.prefetch_at {
+            Prefetch::Until { blob_offset }
+        } else {
+            Prefetch::Unspecified
+        };
+        Ok((b.build(), prefetch))
+    }
+}
+
+/// A hard link whose target was not (yet) in the tree when it was met.
+struct Deferred {
+    index: usize,
+    entry: Entry,
+    target: String,
+    /// A later entry with the same path replaced it.
+    superseded: bool,
+}
+
+fn norm(path: &str) -> String {
+    split_path(path)
+        .map(|p| p.join("/"))
+        .unwrap_or_else(|_| path.to_string())
+}
+
+/// Orders deferred hard links so each comes after the deferred link it points to; a cycle is
+/// an error (it can never be resolved).
+fn hardlink_order(
+    deferred: &[Deferred],
+    by_path: &HashMap<String, usize>,
+) -> Result<Vec<usize>, EstargzError> {
+    const NEW: u8 = 0;
+    const ACTIVE: u8 = 1;
+    const DONE: u8 = 2;
+    let mut state = vec![NEW; deferred.len()];
+    let mut order = Vec::with_capacity(deferred.len());
+    for start in 0..deferred.len() {
+        if deferred.get(start).is_none_or(|d| d.superseded) {
+            continue;
+        }
+        let mut chain = Vec::new();
+        let mut cur = start;
+        loop {
+            match state.get(cur).copied() {
+                Some(NEW) => {}
+                Some(ACTIVE) => {
+                    let d = deferred.get(cur);
+                    return Err(EstargzError::HardlinkLoop {
+                        path: d.map(|d| d.entry.path.clone()).unwrap_or_default(),
+                        target: d
+                            .and_then(|d| d.entry.hardlink_target.clone())
+                            .unwrap_or_default(),
+                    });
+                }
+                _ => break,
+            }
+            if let Some(s) = state.get_mut(cur) {
+                *s = ACTIVE;
+            }
+            chain.push(cur);
+            match deferred.get(cur).and_then(|d| by_path.get(&d.target)) {
+                Some(&next) => cur = next,
+                None => break,
+            }
+        }
+        for &c in chain.iter().rev() {
+            if let Some(s) = state.get_mut(c) {
+                *s = DONE;
+            }
+            order.push(c);
+        }
+    }
+    Ok(order)
+}
+
+/// Parses the TOC JSON, converting entries as they stream by.
+fn parse_toc_json(
+    json: &[u8],
+    toc_offset: u64,
+    cfg: &ReaderConfig,
+) -> Result<Converter, EstargzError> {
+    let side: RefCell<Option<EstargzError>> = RefCell::new(None);
+    let conv = RefCell::new(Converter::new(toc_offset, cfg.max_entries));
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let result = serde::Deserializer::deserialize_map(
+        &mut de,
+        TocVisitor {
+            side: &side,
+            conv: &conv,
+        },
+    )
+    .and_then(|v| de.end().map(|()| v));
+    if let Some(e) = side.into_inner() {
+        return Err(e);
+    }
+    let (version, had_entries) = result.map_err(|e| EstargzError::TocJson {
+        detail: e.to_string(),
+    })?;
+    match version {
+        None => {
+            return Err(EstargzError::TocJson {
+                detail: "the TOC object has no \"version\"".into(),
+            })
+        }
+        Some(v) if v.as_i64() != Some(1) => {
+            return Err(EstargzError::UnsupportedVersion(v.to_string()))
+        }
+        Some(_) => {}
+    }
+    if !had_entries {
+        return Err(EstargzError::TocJson {
+            detail: "the TOC object has no \"entries\" array".into(),
+        });
+    }
+    Ok(conv.into_inner())
+}
+
+/// Visits the top-level TOC object: `version` and `entries`, ignoring other keys.
+struct TocVisitor<'a> {
+    side: &'a RefCell<Option<EstargzError>>,
+    conv: &'a RefCell<Converter>,
+}
+
+impl<'de> Visitor<'de> for TocVisitor<'_> {
+    type Value = (Option<serde_json::Value>, bool);
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object with \"version\" and \"entries\"")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut version: Option<serde_json::Value> = None;
+        let mut had_entries = false;
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "version" => {
+                    if version.is_some() {
+                        return Err(de::Error::duplicate_field("version"));
+                    }
+                    let v: serde_json::Value = map.next_value()?;
+                    if v.as_i64() != Some(1) {
+                        let msg = format!("unsupported version {v}");
+                        *self.side.borrow_mut() =
+                            Some(EstargzError::UnsupportedVersion(v.to_string()));
+                        return Err(de::Error::custom(msg));
+                    }
+                    version = Some(v);
+                }
+                "entries" => {
+                    if had_entries {
+                        return Err(de::Error::duplicate_field("entries"));
+                    }
+                    had_entries = true;
+                    map.next_value_seed(EntriesSeed {
+                        side: self.side,
+                        conv: self.conv,
+                    })?;
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok((version, had_entries))
+    }
+}
+
+/// Streams the `entries` array into the [`Converter`].
+struct EntriesSeed<'a> {
+    side: &'a RefCell<Option<EstargzError>>,
+    conv: &'a RefCell<Converter>,
+}
+
+impl<'de> DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntriesSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of TOC entries")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut index = 0usize;
+        loop {
+            let next = seq
+                .next_element::<JsonEntry>()
+                .map_err(|e| de::Error::custom(format_args!("TOC entry #{index}: {e}")))?;
+            let Some(je) = next else { break };
+            let res = self.conv.borrow_mut().add(index, je);
+            if let Err(e) = res {
+                let msg = e.to_string();
+                *self.side.borrow_mut() = Some(e);
+                return Err(de::Error::custom(msg));
+            }
+            index += 1;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use proptest::prelude::*;
+
+    use super::super::testutil::{blob_with_member, blob_with_toc, gzip, tar_file, toc};
+    use super::super::writer::{footer_bytes, write_estargz, WriterOptions};
+    use super::*;
+
+    fn open(blob: &[u8]) -> Result<OpenedToc, EstargzError> {
+        open_toc(blob, 0, blob.len() as u64, None, &ReaderConfig::default())
+    }
+
+    fn d(data: &[u8]) -> String {
+        Digest::sha256_of(data).to_string()
+    }
+
+    /// A small real blob from the writer.
+    fn sample_blob() -> &'static [u8] {
+        static BLOB: OnceLock<Vec<u8>> = OnceLock::new();
+        BLOB.get_or_init(|| {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            b.append_data(&mut h, "etc/", &[][..]).unwrap();
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(5);
+            b.append_data(&mut h, "etc/hosts", &b"hello"[..]).unwrap();
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Link);
+            h.set_size(0);
+            b.append_link(&mut h, "etc/hosts2", "etc/hosts").unwrap();
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(3000);
+            b.append_data(&mut h, "bin/sh", &[7u8; 3000][..]).unwrap();
+            let tar = b.into_inner().unwrap();
+            let opts = WriterOptions {
+                chunk_size: 1024,
+                ..WriterOptions::default()
+            };
+            let mut out = Vec::new();
+            write_estargz(&tar[..], &mut out, &opts).unwrap();
+            out
+        })
+    }
+
+    #[test]
+    fn footer_round_trip_and_variants() {
+        let f = footer_bytes(0x1234_5678_9abc);
+        assert_eq!(f.len(), FOOTER_SIZE);
+        // The footer is an empty gzip member.
+        let mut out = Vec::new();
+        GzDecoder::new(&f[..]).read_to_end(&mut out).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(
+            parse_footer(&f).unwrap(),
+            (
+                Footer::Estargz {
+                    toc_offset: 0x1234_5678_9abc
+                },
+                FOOTER_SIZE
+            )
+        );
+        // With more bytes before it.
+        let mut tail = vec![9u8; 100];
+        tail.extend_from_slice(&f);
+        assert_eq!(parse_footer(&tail).unwrap().1, FOOTER_SIZE);
+
+        // Legacy: bare "%016xSTARGZ" Extra field.
+        let mut legacy = vec![0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff, 22, 0];
+        legacy.extend_from_slice(b"00000000000003e8STARGZ");
+        legacy.extend_from_slice(&EMPTY_MEMBER_BODY);
+        assert_eq!(legacy.len(), LEGACY_FOOTER_SIZE);
+        let mut tail = vec![1u8; 10];
+        tail.extend_from_slice(&legacy);
+        assert_eq!(
+            parse_footer(&tail).unwrap(),
+            (Footer::Legacy { toc_offset: 1000 }, LEGACY_FOOTER_SIZE)
+        );
+
+        // External TOC.
+        let mut ext = vec![
+            0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff, 21, 0, b'S', b'G', 17, 0,
+        ];
+        ext.extend_from_slice(EXTERNAL_TOC_MAGIC);
+        ext.extend_from_slice(&EMPTY_MEMBER_BODY);
+        assert_eq!(ext.len(), EXTERNAL_TOC_FOOTER_SIZE);
+        assert_eq!(
+            parse_footer(&ext).unwrap(),
+            (Footer::ExternalToc, EXTERNAL_TOC_FOOTER_SIZE)
+        );
+        let mut blob = vec![0u8; 1000];
+        blob.extend_from_slice(&ext);
+        assert!(matches!(
+            open(&blob),
+            Err(EstargzError::ExternalTocUnsupported)
+        ));
+    }
+
+    #[test]
+    fn legacy_blob_opens() {
+        let json = toc(&format!(
+            r#"{{"name":"a","type":"reg","size":1,"offset":10,"digest":"{}"}}"#,
+            d(b"a")
+        ));
+        let member = gzip(&tar_file(TOC_TAR_NAME, json.as_bytes()));
+        let mut blob = vec![0u8; 100];
+        blob.extend_from_slice(&member);
+        blob.extend_from_slice(&[0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff, 22, 0]);
+        blob.extend_from_slice(b"0000000000000064STARGZ");
+        blob.extend_from_slice(&EMPTY_MEMBER_BODY);
+        let opened = open(&blob).unwrap();
+        assert_eq!(opened.toc_offset, 100);
+        let id = opened.layer.resolve("a").unwrap();
+        let c = opened.layer.chunks(id);
+        assert_eq!((c[0].blob_offset, c[0].blob_len), (10, 90));
+        assert_eq!(c[0].digest, Some(Digest::sha256_of(b"a")));
+        assert_eq!(opened.prefetch, Prefetch::Unspecified);
+    }
+
+    #[test]
+    fn chunk_lengths_inner_offsets_and_forward_hardlinks() {
+        let json = toc(&format!(
+            concat!(
+                r#"{{"name":"h","type":"hardlink","linkName":"f"}},"#,
+                r#"{{"name":"f","type":"reg","size":10,"offset":100,"chunkSize":4,"chunkDigest":"{a}","digest":"{b}","mode":33261,"uid":5,"gid":6,"modtime":"2019-08-20T10:30:43Z"}},"#,
+                r#"{{"name":"f","type":"chunk","offset":100,"innerOffset":4,"chunkOffset":4,"chunkSize":4,"chunkDigest":"{a}"}},"#,
+                r#"{{"type":"chunk","offset":300,"chunkOffset":8,"chunkDigest":"{a}"}},"#,
+                r#"{{"name":".prefetch.landmark","type":"reg","size":1,"offset":400,"chunkDigest":"{a}"}},"#,
+                r#"{{"name":"g","type":"reg","size":2,"offset":500,"digest":"{a}","xattrs":{{"user.k":"dmFs"}}}}"#
+            ),
+            a = d(b"x"),
+            b = d(b"y")
+        ));
+        let opened = open(&blob_with_toc(&json)).unwrap();
+        let l = &opened.layer;
+        let f = l.resolve("f").unwrap();
+        assert_eq!(l.resolve("h"), Some(f));
+        assert_eq!(l.node(f).unwrap().nlink, 2);
+        let n = l.node(f).unwrap();
+        assert_eq!(
+            (n.mode, n.uid, n.gid, n.mtime),
+            (0o755, 5, 6, 1_566_297_043)
+        );
+        let c: Vec<(u64, u64, u64, u64, u64)> = l
+            .chunks(f)
+            .iter()
+            .map(|c| {
+                (
+                    c.file_offset,
+                    c.size,
+                    c.blob_offset,
+                    c.blob_len,
+                    c.inner_offset,
+                )
+            })
+            .collect();
+        assert_eq!(
+            c,
+            vec![
+                (0, 4, 100, 200, 0),
+                (4, 4, 100, 200, 4),
+                (8, 2, 300, 100, 0)
+            ]
+        );
+        assert_eq!(l.file_digest(f), Some(&Digest::sha256_of(b"y")));
+        assert_eq!(l.resolve(".prefetch.landmark"), None);
+        assert_eq!(opened.prefetch, Prefetch::Until { blob_offset: 400 });
+        let g = l.resolve("g").unwrap();
+        // Last chunk ends at the TOC.
+        assert_eq!(l.chunks(g)[0].blob_len, 4096 - 500);
+        let x: Vec<(&[u8], &[u8])> = l.xattrs(g).collect();
+        assert_eq!(x, vec![(&b"user.k"[..], &b"val"[..])]);
+    }
+
+    #[test]
+    fn need_more_when_tail_misses_the_toc() {
+        let blob = sample_blob();
+        let len = blob.len() as u64;
+        let full = open(blob).unwrap();
+        let tail = &blob[blob.len() - 60..];
+        match open_toc(tail, len - 60, len, None, &ReaderConfig::default()) {
+            Err(EstargzError::NeedMore { from }) => assert_eq!(from, full.toc_offset),
+            other => panic!("{other:?}"),
+        }
+        let from = full.toc_offset as usize;
+        let again = open_toc(
+            &blob[from..],
+            from as u64,
+            len,
+            Some(&full.toc_digest),
+            &ReaderConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(again.toc_digest, full.toc_digest);
+        // A tail shorter than the footer asks for the footer.
+        match open_toc(
+            &blob[blob.len() - 10..],
+            len - 10,
+            len,
+            None,
+            &ReaderConfig::default(),
+        ) {
+            Err(EstargzError::NeedMore { from }) => assert_eq!(from, len - 51),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tail_read_len_is_bounded() {
+        assert_eq!(tail_read_len(100), 100);
+        assert_eq!(tail_read_len(10 << 20), 1 << 20);
+        assert_eq!(tail_read_len(640 << 20), 10 << 20);
+        assert_eq!(tail_read_len(u64::MAX), 16 << 20);
+    }
+
+    type Case = (
+        &'static str,
+        Box<dyn Fn() -> Result<OpenedToc, EstargzError>>,
+        fn(&EstargzError) -> bool,
+    );
+
+    fn json_case(entries: String) -> Box<dyn Fn() -> Result<OpenedToc, EstargzError>> {
+        Box::new(move || open(&blob_with_toc(&toc(&entries))))
+    }
+
+    fn reg(name: &str) -> String {
+        format!(
+            r#"{{"name":{},"type":"reg","size":1,"offset":10,"digest":"{}"}}"#,
+            serde_json::to_string(name).unwrap(),
+            d(b"z")
+        )
+    }
+
+    #[test]
+    fn hostile_inputs_give_specific_errors() {
+        let x = d(b"x");
+        let cases: Vec<Case> = vec![
+            (
+                "truncated footer",
+                Box::new(|| {
+                    let f = footer_bytes(0);
+                    open_toc(&f[..30], 0, 30, None, &ReaderConfig::default())
+                }),
+                |e| matches!(e, EstargzError::TruncatedFooter { len: 30, .. }),
+            ),
+            (
+                "wrong magic",
+                Box::new(|| {
+                    let mut b = sample_blob().to_vec();
+                    let n = b.len();
+                    b[n - 14] = b'Y'; // STARGZ -> STARGY
+                    open(&b)
+                }),
+                |e| matches!(e, EstargzError::BadFooter { detail } if detail.contains("STARGZ")),
+            ),
+            (
+                "garbled footer body",
+                Box::new(|| {
+                    let mut b = sample_blob().to_vec();
+                    let n = b.len();
+                    b[n - 3] = 1; // ISIZE != 0
+                    open(&b)
+                }),
+                |e| matches!(e, EstargzError::BadFooter { .. }),
+            ),
+            (
+                "toc_offset past end",
+                Box::new(|| {
+                    let mut b = vec![0u8; 100];
+                    b.extend_from_slice(&footer_bytes(1000));
+                    open(&b)
+                }),
+                |e| matches!(e, EstargzError::TocOffsetOutOfRange { toc_offset: 1000, blob_size: 151 }),
+            ),
+            (
+                "toc_offset inside footer",
+                Box::new(|| {
+                    let mut b = vec![0u8; 100];
+                    b.extend_from_slice(&footer_bytes(110));
+                    open(&b)
+                }),
+                |e| matches!(e, EstargzError::TocOffsetInFooter { toc_offset: 110, footer_start: 100, .. }),
+            ),
+            (
+                "TOC member not gzip",
+                Box::new(|| open(&blob_with_member(10, b"this is not gzip at all"))),
+                |e| matches!(e, EstargzError::TocGzip { offset: 10, .. }),
+            ),
+            (
+                "TOC member corrupt gzip",
+                Box::new(|| {
+                    let mut m = gzip(&tar_file(TOC_TAR_NAME, toc("").as_bytes()));
+                    let n = m.len();
+                    m[n - 6] ^= 0xff; // CRC
+                    open(&blob_with_member(10, &m))
+                }),
+                |e| matches!(e, EstargzError::TocGzip { .. }),
+            ),
+            (
+                "TOC gzip bomb",
+                Box::new(|| {
+                    let mut h = tar::Header::new_ustar();
+                    h.set_path(TOC_TAR_NAME).unwrap();
+                    h.set_size(100 << 20);
+                    h.set_cksum();
+                    let mut data = h.as_bytes().to_vec();
+                    data.resize(8 << 20, b' ');
+                    let blob = blob_with_member(10, &gzip(&data));
+                    let cfg = ReaderConfig {
+                        max_toc_json_bytes: 1 << 20,
+                        ..ReaderConfig::default()
+                    };
+                    open_toc(&blob, 0, blob.len() as u64, None, &cfg)
+                }),
+                |e| matches!(e, EstargzError::TooLarge { what: "decompressed TOC member", .. }),
+            ),
+            (
+                "compressed TOC over limit",
+                Box::new(|| {
+                    let blob = sample_blob();
+                    let cfg = ReaderConfig {
+                        max_toc_bytes: 10,
+                        ..ReaderConfig::default()
+                    };
+                    open_toc(blob, 0, blob.len() as u64, None, &cfg)
+                }),
+                |e| matches!(e, EstargzError::TooLarge { what: "compressed TOC member", limit: 10, .. }),
+            ),
+            (
+                "tar size claims more than present",
+                Box::new(|| {
+                    let mut t = tar_file(TOC_TAR_NAME, toc("").as_bytes());
+                    t.truncate(512 + 10);
+                    open(&blob_with_member(10, &gzip(&t)))
+                }),
+                |e| matches!(e, EstargzError::TocTar { detail, .. } if detail.contains("claims")),
+            ),
+            (
+                "TOC entry misnamed",
+                Box::new(|| open(&blob_with_member(10, &gzip(&tar_file("other.json", b"{}"))))),
+                |e| matches!(e, EstargzError::TocTar { detail, .. } if detail.contains("other.json")),
+            ),
+            (
+                "non-JSON",
+                Box::new(|| open(&blob_with_toc("not json"))),
+                |e| matches!(e, EstargzError::TocJson { .. }),
+            ),
+            (
+                "JSON not an object",
+                Box::new(|| open(&blob_with_toc("[1,2,3]"))),
+                |e| matches!(e, EstargzError::TocJson { .. }),
+            ),
+            (
+                "missing version",
+                Box::new(|| open(&blob_with_toc(r#"{"entries":[]}"#))),
+                |e| matches!(e, EstargzError::TocJson { detail } if detail.contains("version")),
+            ),
+            (
+                "version 2",
+                Box::new(|| open(&blob_with_toc(r#"{"version":2,"entries":[{"weird":true}]}"#))),
+                |e| matches!(e, EstargzError::UnsupportedVersion(v) if v == "2"),
+            ),
+            (
+                "unknown type",
+                json_case(r#"{"name":"s","type":"socket"}"#.into()),
+                |e| matches!(e, EstargzError::UnknownType { index: 0, kind, .. } if kind == "socket"),
+            ),
+            (
+                "chunk entry first",
+                json_case(format!(
+                    r#"{{"name":"f","type":"chunk","offset":10,"chunkOffset":0,"chunkDigest":"{x}"}}"#
+                )),
+                |e| matches!(e, EstargzError::OrphanChunk { index: 0, .. }),
+            ),
+            (
+                "chunk of another file",
+                json_case(format!(
+                    r#"{},{{"name":"g","type":"chunk","offset":20,"chunkOffset":1,"chunkDigest":"{x}"}}"#,
+                    reg("f")
+                )),
+                |e| matches!(e, EstargzError::OrphanChunk { index: 1, .. }),
+            ),
+            (
+                "chunk overlap",
+                json_case(format!(
+                    r#"{{"name":"f","type":"reg","size":10,"offset":100,"chunkSize":6,"chunkDigest":"{x}"}},{{"name":"f","type":"chunk","offset":200,"chunkOffset":4,"chunkDigest":"{x}"}}"#
+                )),
+                |e| matches!(e, EstargzError::Layer { index: 0, source: TocError::BadChunks { detail, .. }, .. } if detail.contains("at 4 where 6")),
+            ),
+            (
+                "chunk gap",
+                json_case(format!(
+                    r#"{{"name":"f","type":"reg","size":10,"offset":100,"chunkSize":6,"chunkDigest":"{x}"}},{{"name":"f","type":"chunk","offset":200,"chunkOffset":8,"chunkDigest":"{x}"}}"#
+                )),
+                |e| matches!(e, EstargzError::Layer { source: TocError::BadChunks { .. }, .. }),
+            ),
+            (
+                "chunks exceed size",
+                json_case(format!(
+                    r#"{{"name":"f","type":"reg","size":10,"offset":100,"chunkSize":20,"chunkDigest":"{x}"}}"#
+                )),
+                |e| matches!(e, EstargzError::Layer { source: TocError::BadChunks { .. }, .. }),
+            ),
+            (
+                "chunk without digest",
+                json_case(
+                    r#"{"name":"f","type":"reg","size":10,"offset":100,"chunkSize":6},{"name":"f","type":"chunk","offset":200,"chunkOffset":6}"#.into(),
+                ),
+                |e| matches!(e, EstargzError::BadEntry { index: 0, detail, .. } if detail.contains("chunkDigest")),
+            ),
+            (
+                "negative offset",
+                json_case(format!(
+                    r#"{{"name":"f","type":"reg","size":1,"offset":-5,"chunkDigest":"{x}"}}"#
+                )),
+                |e| matches!(e, EstargzError::OffsetOutOfRange { offset: -5, field: "offset", .. }),
+            ),
+            (
+                "huge offset",
+                json_case(format!(
+                    r#"{{"name":"f","type":"reg","size":1,"offset":18446744073709551615,"chunkDigest":"{x}"}}"#
+                )),
+                |e| matches!(e, EstargzError::OffsetOutOfRange { offset, .. } if *offset == i128::from(u64::MAX)),
+            ),
+            (
+                "offset at the TOC",
+                json_case(format!(
+                    r#"{{"name":"f","type":"reg","size":1,"offset":4096,"chunkDigest":"{x}"}}"#
+                )),
+                |e| matches!(e, EstargzError::OffsetOutOfRange { offset: 4096, toc_offset: 4096, .. }),
+            ),
+            (
+                "fractional size",
+                json_case(r#"{"name":"f","type":"reg","size":1.5}"#.into()),
+                |e| matches!(e, EstargzError::BadEntry { detail, .. } if detail.contains("size")),
+            ),
+            (
+                "dot-dot path",
+                json_case(reg("../etc/passwd")),
+                |e| matches!(e, EstargzError::Layer { source: TocError::BadPath(_), .. }),
+            ),
+            (
+                "absolute path",
+                json_case(reg("/abs")),
+                |e| matches!(e, EstargzError::Layer { source: TocError::BadPath(_), .. }),
+            ),
+            (
+                "NUL in name",
+                json_case(reg("a\u{0}b")),
+                |e| matches!(e, EstargzError::Layer { source: TocError::BadPath(_), .. }),
+            ),
+            (
+                "hardlink to missing file",
+                json_case(r#"{"name":"h","type":"hardlink","linkName":"missing"}"#.into()),
+                |e| matches!(e, EstargzError::Layer { source: TocError::BadHardlink { .. }, .. }),
+            ),
+            (
+                "hardlink loop",
+                json_case(
+                    r#"{"name":"a","type":"hardlink","linkName":"b"},{"name":"b","type":"hardlink","linkName":"a"}"#.into(),
+                ),
+                |e| matches!(e, EstargzError::HardlinkLoop { .. }),
+            ),
+            (
+                "hardlink to itself",
+                json_case(r#"{"name":"a","type":"hardlink","linkName":"./a"}"#.into()),
+                |e| matches!(e, EstargzError::HardlinkLoop { .. }),
+            ),
+            (
+                "bad modtime",
+                json_case(r#"{"name":"d","type":"dir","modtime":"yesterday"}"#.into()),
+                |e| matches!(e, EstargzError::BadEntry { detail, .. } if detail.contains("modtime")),
+            ),
+            (
+                "bad xattr base64",
+                json_case(r#"{"name":"d","type":"dir","xattrs":{"user.a":"!!"}}"#.into()),
+                |e| matches!(e, EstargzError::BadEntry { detail, .. } if detail.contains("base64")),
+            ),
+            (
+                "bad digest",
+                json_case(r#"{"name":"f","type":"reg","size":1,"offset":1,"chunkDigest":"md5:00"}"#.into()),
+                |e| matches!(e, EstargzError::BadEntry { detail, .. } if detail.contains("chunkDigest")),
+            ),
+            (
+                "TOC digest mismatch",
+                Box::new(|| {
+                    let blob = sample_blob();
+                    let wrong = Digest::sha256_of(b"something else");
+                    open_toc(blob, 0, blob.len() as u64, Some(&wrong), &ReaderConfig::default())
+                }),
+                |e| matches!(e, EstargzError::TocDigestMismatch { .. }),
+            ),
+            (
+                "too many entries",
+                Box::new(|| {
+                    let blob = blob_with_toc(&toc(&[r#"{"name":"d","type":"dir"}"#; 5].join(",")));
+                    let cfg = ReaderConfig {
+                        max_entries: 3,
+                        ..ReaderConfig::default()
+                    };
+                    open_toc(&blob, 0, blob.len() as u64, None, &cfg)
+                }),
+                |e| matches!(e, EstargzError::TooManyEntries { limit: 3 }),
+            ),
+            (
+                "tail not at the blob end",
+                Box::new(|| {
+                    let blob = sample_blob();
+                    open_toc(blob, 0, blob.len() as u64 + 1, None, &ReaderConfig::default())
+                }),
+                |e| matches!(e, EstargzError::BadTail { .. }),
+            ),
+        ];
+        assert!(cases.len() >= 15);
+        for (name, run, check) in cases {
+            match run() {
+                Ok(_) => panic!("{name}: accepted"),
+                Err(e) => {
+                    eprintln!("{name}: {e}");
+                    assert!(check(&e), "{name}: unexpected error {e:?}");
+                    assert!(!e.to_string().is_empty());
+                }
+            }
+        }
+    }
+
+    fn mutate(base: &[u8], edits: &[(usize, u8)], cut: usize) -> (Vec<u8>, u64) {
+        let mut b = base.to_vec();
+        let n = b.len();
+        for &(i, v) in edits {
+            b[i % n] = v;
+        }
+        let cut = cut % n;
+        (b[cut..].to_vec(), cut as u64)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn parse_footer_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = parse_footer(&bytes);
+            let blob_size = bytes.len() as u64;
+            let _ = open_toc(&bytes, 0, blob_size, None, &ReaderConfig::default());
+        }
+
+        #[test]
+        fn footer_mutations_never_panic(edits in proptest::collection::vec((0usize..51, any::<u8>()), 1..6)) {
+            let f = footer_bytes(1234);
+            let (m, _) = mutate(&f, &edits, 0);
+            let _ = parse_footer(&m);
+        }
+
+        #[test]
+        fn blob_tail_mutations_never_panic(
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+            cut in any::<usize>(),
+            tail_edits in proptest::collection::vec((0usize..400, any::<u8>()), 0..4),
+        ) {
+            let base = sample_blob();
+            let (mut tail, start) = mutate(base, &edits, cut);
+            let n = tail.len();
+            for (i, v) in tail_edits {
+                if i < n {
+                    tail[n - 1 - i] = v;
+                }
+            }
+            let _ = open_toc(&tail, start, base.len() as u64, None, &ReaderConfig::default());
+        }
+
+        #[test]
+        fn toc_json_mutations_never_panic(
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+            trunc in any::<usize>(),
+        ) {
+            let x = d(b"x");
+            let json = toc(&format!(
+                r#"{{"name":"d/","type":"dir","mode":16877,"modtime":"2019-08-20T10:30:43Z"}},{{"name":"d/f","type":"reg","size":10,"offset":100,"chunkSize":6,"chunkDigest":"{x}","xattrs":{{"a":"Yg=="}}}},{{"name":"d/f","type":"chunk","offset":200,"chunkOffset":6,"chunkDigest":"{x}"}},{{"name":"l","type":"hardlink","linkName":"d/f"}},{{"name":"c","type":"char","devMajor":1,"devMinor":3}},{{"name":".prefetch.landmark","type":"reg","size":1,"offset":300,"chunkDigest":"{x}"}}"#
+            ));
+            prop_assert!(open(&blob_with_toc(&json)).is_ok());
+            let mut j = json.into_bytes();
+            let n = j.len();
+            for (i, v) in edits {
+                j[i % n] = v;
+            }
+            j.truncate(n - trunc % 8);
+            let s = String::from_utf8_lossy(&j).into_owned();
+            let _ = open(&blob_with_toc(&s));
+        }
+    }
+}
