@@ -97,6 +97,10 @@ pub struct MountOptions {
     /// Entry and attribute cache lifetime in the kernel. Layers are immutable, so this can be
     /// long. Default one day.
     pub ttl: Duration,
+    /// Also mark opaque directories with `user.overlay.opaque`, for overlay mounts with the
+    /// `userxattr` option (rootless). Off by default: a normal overlay mount would show that
+    /// attribute in the merged tree, which an unpacked image does not have.
+    pub userxattr: bool,
 }
 
 impl Default for MountOptions {
@@ -106,6 +110,7 @@ impl Default for MountOptions {
             allow_other: true,
             passthrough: true,
             ttl: Duration::from_secs(24 * 60 * 60),
+            userxattr: false,
         }
     }
 }
@@ -236,6 +241,8 @@ struct LayerFs {
     layer: Arc<Layer>,
     source: Arc<dyn ContentSource>,
     ttl: Duration,
+    /// Names under which opaque directories carry the overlay opaque marker.
+    opaque_xattrs: &'static [&'static [u8]],
     /// The mount wants passthrough.
     want_passthrough: bool,
     /// Passthrough was granted by the kernel and has not failed since.
@@ -321,6 +328,11 @@ impl LayerFs {
             layer,
             source,
             ttl: opts.ttl,
+            opaque_xattrs: if opts.userxattr {
+                &OPAQUE_XATTRS[..]
+            } else {
+                &OPAQUE_XATTRS[..1]
+            },
             want_passthrough: opts.passthrough,
             passthrough: AtomicBool::new(false),
             counters,
@@ -368,7 +380,7 @@ impl LayerFs {
     }
 
     fn xattr<'a>(&'a self, id: NodeId, node: &Node, name: &[u8]) -> Option<&'a [u8]> {
-        if node.kind == Kind::Dir && node.opaque && OPAQUE_XATTRS.contains(&name) {
+        if node.kind == Kind::Dir && node.opaque && self.opaque_xattrs.contains(&name) {
             return Some(b"y");
         }
         if overlay_private(name) {
@@ -879,7 +891,7 @@ impl Filesystem for LayerFs {
         };
         let mut names = Vec::new();
         if node.kind == Kind::Dir && node.opaque {
-            for n in OPAQUE_XATTRS {
+            for n in self.opaque_xattrs {
                 names.extend_from_slice(n);
                 names.push(0);
             }

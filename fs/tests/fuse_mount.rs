@@ -212,9 +212,12 @@ fn subdir(base: &TempDir, name: &str) -> PathBuf {
     p
 }
 
+/// Test mounts present both opaque markers (`userxattr`), so both are checked; the default
+/// (trusted only) is what `lazypull mount`'s tree comparison covers.
 fn opts() -> MountOptions {
     MountOptions {
         fsname: "lazypull:test".to_string(),
+        userxattr: true,
         ..MountOptions::default()
     }
 }

@@ -36,11 +36,44 @@ pub fn apply_layers(layers: &[Vec<u8>], dest: &Path) {
                     remove_any(&dest.join(&parent).join(&n[4..]));
                 }
                 _ => {
-                    e.unpack_in(dest).expect("unpack");
+                    let kind = e.header().entry_type();
+                    if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
+                        make_special(&mut e, dest, &path);
+                    } else {
+                        e.unpack_in(dest).expect("unpack");
+                    }
                 }
             }
         }
     }
+}
+
+/// Creates a device node or FIFO (the tar crate's unpack writes them as empty files).
+fn make_special<R: std::io::Read>(e: &mut tar::Entry<'_, R>, dest: &Path, path: &Path) {
+    use nix::sys::stat::{mknod, Mode, SFlag};
+    let h = e.header();
+    let kind = h.entry_type();
+    let flag = if kind.is_character_special() {
+        SFlag::S_IFCHR
+    } else if kind.is_block_special() {
+        SFlag::S_IFBLK
+    } else {
+        SFlag::S_IFIFO
+    };
+    let major = h.device_major().ok().flatten().unwrap_or(0);
+    let minor = h.device_minor().ok().flatten().unwrap_or(0);
+    let mode = h.mode().unwrap_or(0o644);
+    let target = dest.join(path);
+    remove_any(&target);
+    let dev = nix::sys::stat::makedev(u64::from(major), u64::from(minor));
+    mknod(&target, flag, Mode::from_bits_truncate(mode), dev)
+        .unwrap_or_else(|e| panic!("mknod {}: {e}", target.display()));
+    // mknod applies the umask: set the exact mode, owner and mtime as unpacking would.
+    std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .expect("chmod");
+    let uid = h.uid().unwrap_or(0) as u32;
+    let gid = h.gid().unwrap_or(0) as u32;
+    std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).expect("chown");
 }
 
 fn remove_any(p: &Path) {
