@@ -1,0 +1,215 @@
+//! Shared by the `lazypull` binary's integration tests: generated tar layers, eStargz
+//! conversion, and a driver for the binary under a private `--root` that cleans up after
+//! itself (mounts and the mount server), also when a test fails.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use lazypull_fs::estargz::{write_estargz, WriterOptions};
+use lazypull_tests::Layer;
+
+/// Manifest annotation carrying the TOC digest.
+pub const TOC_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// eStargz layers are ordinary gzip layers.
+pub const ESTARGZ_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+/// A tar entry to generate.
+pub enum E<'a> {
+    Dir(&'a str, u32),
+    File(&'a str, u32, Vec<u8>),
+    FileOwned(&'a str, u32, u64, u64, Vec<u8>),
+    Xattr(&'a str, &'a str, &'a [u8], Vec<u8>),
+    Symlink(&'a str, &'a str),
+    Hardlink(&'a str, &'a str),
+    Char(&'a str, u32, u32),
+    Block(&'a str, u32, u32),
+    Fifo(&'a str),
+}
+
+pub fn build_tar(entries: Vec<E<'_>>) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        let (path, data): (&str, Vec<u8>) = match e {
+            E::Dir(p, mode) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(mode);
+                (p, vec![])
+            }
+            E::File(p, mode, data) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(mode);
+                (p, data)
+            }
+            E::FileOwned(p, mode, uid, gid, data) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(mode);
+                h.set_uid(uid);
+                h.set_gid(gid);
+                (p, data)
+            }
+            E::Xattr(p, name, value, data) => {
+                let key = format!("SCHILY.xattr.{name}");
+                b.append_pax_extensions([(key.as_str(), value)]).unwrap();
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o644);
+                (p, data)
+            }
+            E::Symlink(p, target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_link_name(target).unwrap();
+                (p, vec![])
+            }
+            E::Hardlink(p, target) => {
+                h.set_entry_type(tar::EntryType::Link);
+                h.set_mode(0o644);
+                h.set_link_name(target).unwrap();
+                (p, vec![])
+            }
+            E::Char(p, maj, min) => {
+                h.set_entry_type(tar::EntryType::Char);
+                h.set_mode(0o666);
+                h.set_device_major(maj).unwrap();
+                h.set_device_minor(min).unwrap();
+                (p, vec![])
+            }
+            E::Block(p, maj, min) => {
+                h.set_entry_type(tar::EntryType::Block);
+                h.set_mode(0o660);
+                h.set_device_major(maj).unwrap();
+                h.set_device_minor(min).unwrap();
+                (p, vec![])
+            }
+            E::Fifo(p) => {
+                h.set_entry_type(tar::EntryType::Fifo);
+                h.set_mode(0o644);
+                (p, vec![])
+            }
+        };
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, path, &data[..]).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// Converts a tar to an eStargz layer for the pusher, with its TOC digest annotation.
+pub fn estargz_layer(tar: &[u8], prefetch: Option<Vec<String>>) -> (Layer, u64) {
+    let mut out = Vec::new();
+    let opts = WriterOptions {
+        chunk_size: 1 << 20,
+        prefetch,
+        ..WriterOptions::default()
+    };
+    let w = write_estargz(tar, &mut out, &opts).unwrap();
+    let size = out.len() as u64;
+    let layer = Layer::new(out)
+        .with_media_type(ESTARGZ_MEDIA_TYPE)
+        .with_diff_id(w.diff_id)
+        .with_annotation(TOC_ANNOTATION, &w.toc_digest.to_string());
+    (layer, size)
+}
+
+/// The binary under a private `--root`; stops its mount server and any mount on drop.
+pub struct Lazypull {
+    pub root: tempfile::TempDir,
+    extra: Vec<String>,
+    mounted: Vec<PathBuf>,
+}
+
+impl Lazypull {
+    pub fn new(extra: &[&str]) -> Lazypull {
+        Lazypull {
+            root: tempfile::tempdir().unwrap(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            mounted: Vec::new(),
+        }
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Output {
+        let hosts = self.root.path().join("no-hosts");
+        Command::new(env!("CARGO_BIN_EXE_lazypull"))
+            .arg("--root")
+            .arg(self.root.path())
+            .arg("--hosts-dir")
+            .arg(&hosts)
+            .args(&self.extra)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap()
+    }
+
+    pub fn mount(&mut self, image: &str, dir: &Path) {
+        let out = self.cmd(&["mount", image, dir.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "mount failed: {}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        self.mounted.push(dir.to_path_buf());
+    }
+
+    pub fn umount(&mut self, dir: &Path) {
+        let out = self.cmd(&["umount", dir.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "umount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.mounted.retain(|d| d != dir);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("mount-server.log")).unwrap_or_default()
+    }
+
+    pub fn wait_complete(&self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let out = self.cmd(&["mounts"]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text.contains("\tcomplete") {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "layers not complete: {text}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn server_running(&self) -> bool {
+        std::os::unix::net::UnixStream::connect(self.root.path().join("mount.sock")).is_ok()
+    }
+}
+
+impl Drop for Lazypull {
+    fn drop(&mut self) {
+        for d in self.mounted.clone() {
+            let _ = self.cmd(&["umount", d.to_str().unwrap()]);
+        }
+        // Whatever is still mounted under the root or the test dirs goes, lazily.
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let root = self.root.path().to_string_lossy().into_owned();
+        for line in mounts.lines() {
+            if let Some(mp) = line.split_whitespace().nth(4) {
+                if mp.starts_with(&root) || self.mounted.iter().any(|d| d.to_str() == Some(mp)) {
+                    let _ = Command::new("umount").arg("-l").arg(mp).status();
+                }
+            }
+        }
+        let start = Instant::now();
+        while self.server_running() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
