@@ -109,6 +109,9 @@ pub struct SourceConfig {
     pub read_ahead: u64,
     /// Compressed bytes per background-fill batch (issued together so they merge).
     pub fill_batch: u64,
+    /// Cap of the background fill in compressed bytes per second (`None`: as fast as the
+    /// connections allow; on-demand reads still go first).
+    pub fill_rate: Option<u64>,
 }
 
 impl Default for SourceConfig {
@@ -116,6 +119,7 @@ impl Default for SourceConfig {
         SourceConfig {
             read_ahead: 32 << 20,
             fill_batch: 8 << 20,
+            fill_rate: None,
         }
     }
 }
@@ -355,6 +359,12 @@ impl LayerSource {
         let mut first_error = None;
         let mut batch: Vec<Chunk> = Vec::new();
         let mut batch_bytes = 0u64;
+        let started = std::time::Instant::now();
+        let mut sent = 0u64;
+        let rate = match priority {
+            Priority::Background => self.inner.config.fill_rate.filter(|r| *r > 0),
+            _ => None,
+        };
         let flush = |batch: Vec<Chunk>| async move {
             let results =
                 futures::future::join_all(batch.iter().map(|c| self.chunk(c, priority))).await;
@@ -372,6 +382,15 @@ impl LayerSource {
             batch_bytes += c.blob_len;
             batch.push(c);
             if batch_bytes >= self.inner.config.fill_batch {
+                if let Some(rate) = rate {
+                    // Pace: do not start this batch before `sent` bytes would have taken at
+                    // the capped rate.
+                    let due = std::time::Duration::from_secs_f64(sent as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                sent += batch_bytes;
                 let n = batch.len() as u64;
                 if let Some(e) = flush(std::mem::take(&mut batch)).await {
                     tracing::warn!(layer = %self.digest(), error = %e, "background fill: chunk failed");

@@ -53,6 +53,16 @@ struct Cli {
     #[arg(long, global = true, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     background_fill: bool,
 
+    /// How long a read may wait on an unreachable or stalled registry before it fails (EIO
+    /// in a mount), in seconds.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 30)]
+    fetch_timeout: u64,
+
+    /// Cap on the background fill's download rate, in MiB/s (0 = no cap). On-demand reads
+    /// are never capped.
+    #[arg(long, global = true, value_name = "MIB_PER_SEC", default_value_t = 0)]
+    fill_rate: u64,
+
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -157,10 +167,17 @@ fn registry(cli: &Cli) -> Registry {
     for h in &cli.insecure {
         hosts = hosts.with_plain_http(h);
     }
+    let timeout = Duration::from_secs(cli.fetch_timeout.max(1));
+    let defaults = RegistryConfig::default();
     Registry::new(RegistryConfig {
         hosts,
         credentials: CredentialStore::from_env(),
-        ..RegistryConfig::default()
+        idle_timeout: defaults.idle_timeout.min(timeout),
+        retry: lazypull_fetcher::retry::RetryPolicy {
+            max_total: timeout,
+            ..defaults.retry.clone()
+        },
+        ..defaults
     })
 }
 
@@ -296,6 +313,9 @@ async fn ensure_server(cli: &Cli) -> Result<()> {
     cmd.arg("--cache-mib").arg(cli.cache_mib.to_string());
     cmd.arg("--background-fill")
         .arg(cli.background_fill.to_string());
+    cmd.arg("--fetch-timeout")
+        .arg(cli.fetch_timeout.to_string());
+    cmd.arg("--fill-rate").arg(cli.fill_rate.to_string());
     for d in &cli.hosts_dir {
         cmd.arg("--hosts-dir").arg(d);
     }
@@ -340,6 +360,7 @@ fn mount_server(cli: &Cli) -> Result<()> {
             ..CacheConfig::default()
         },
         background_fill: cli.background_fill,
+        fill_rate: (cli.fill_rate > 0).then_some(cli.fill_rate << 20),
     };
     let root: &Path = &cli.root;
     rt.block_on(mountd::serve(root.to_path_buf(), registry, options, || {

@@ -84,6 +84,8 @@ pub struct ServeOptions {
     pub cache: CacheConfig,
     /// Fetch whole layers in the background after mounting.
     pub background_fill: bool,
+    /// Cap of the background fill, bytes per second.
+    pub fill_rate: Option<u64>,
 }
 
 /// Paths under the root.
@@ -106,6 +108,7 @@ struct State {
     layers: HashMap<Digest, LayerEntry>,
     images: HashMap<PathBuf, MountInfo>,
     background_fill: bool,
+    fill_rate: Option<u64>,
 }
 
 /// Runs the server until the last image is unmounted or a signal arrives. `ready` is called
@@ -131,6 +134,7 @@ pub async fn serve(
         layers: HashMap::new(),
         images: HashMap::new(),
         background_fill: options.background_fill,
+        fill_rate: options.fill_rate,
     }));
     ready();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -328,13 +332,13 @@ async fn acquire_layer(
     reference: &Reference,
     desc: &LayerDescriptor,
 ) -> Result<()> {
-    let background_fill = {
+    let (background_fill, fill_rate) = {
         let mut st = state.lock().await;
         if let Some(l) = st.layers.get_mut(&desc.digest) {
             l.refs += 1;
             return Ok(());
         }
-        st.background_fill
+        (st.background_fill, st.fill_rate)
     };
     let opened = open_estargz(
         engine,
@@ -342,7 +346,10 @@ async fn acquire_layer(
         reference,
         desc,
         &ReaderConfig::default(),
-        SourceConfig::default(),
+        SourceConfig {
+            fill_rate,
+            ..SourceConfig::default()
+        },
     )
     .await
     .with_context(|| {

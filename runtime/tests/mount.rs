@@ -238,3 +238,45 @@ fn libc_eio() -> i32 {
 fn layer_bytes(layer: &Layer) -> Vec<u8> {
     layer.data.clone()
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registry_down_fails_reads_in_bounded_time_then_recovers() {
+    let mut registry = TestRegistry::plain();
+    let first = random_bytes(200_000, 31);
+    let second = random_bytes(200_000, 32);
+    let tar = build_tar(vec![
+        E::File("first.bin", 0o644, first.clone()),
+        E::File("second.bin", 0o644, second.clone()),
+    ]);
+    let (layer, _) = estargz_layer(&tar, None);
+    registry
+        .pusher()
+        .push_image_with(
+            "lazy/down",
+            "v1",
+            &ImageSpec::new(vec![layer], "linux", "amd64"),
+        )
+        .await;
+    let mnt = tempfile::tempdir().unwrap();
+    let mut lp = Lazypull::new(&["--background-fill", "false", "--fetch-timeout", "3"]);
+    let image = format!("{}/lazy/down:v1", registry.host());
+    tokio::task::block_in_place(|| lp.mount(&image, mnt.path()));
+    assert_eq!(std::fs::read(mnt.path().join("first.bin")).unwrap(), first);
+
+    registry.kill();
+    let start = Instant::now();
+    let err =
+        tokio::task::block_in_place(|| std::fs::read(mnt.path().join("second.bin"))).unwrap_err();
+    let waited = start.elapsed();
+    assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+    assert!(
+        waited < Duration::from_secs(12),
+        "read failed only after {waited:?}"
+    );
+    // Cached data keeps working with the registry down.
+    assert_eq!(std::fs::read(mnt.path().join("first.bin")).unwrap(), first);
+
+    registry.restart();
+    let got = tokio::task::block_in_place(|| std::fs::read(mnt.path().join("second.bin"))).unwrap();
+    assert_eq!(got, second, "read after the registry came back");
+}
