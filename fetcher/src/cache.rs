@@ -275,6 +275,26 @@ impl Inner {
     }
 }
 
+/// Passes writes through while hashing them.
+struct HashingWriter<'a> {
+    inner: &'a mut dyn Write,
+    verifier: crate::digest::Verifier,
+    written: u64,
+}
+
+impl Write for HashingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.verifier.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 fn hash(algorithm: Algorithm, data: &[u8]) -> Digest {
     let mut v = Verifier::new(algorithm);
     v.update(data);
@@ -455,7 +475,6 @@ impl ChunkCache {
     /// silently not stored. On a write error the temporary file is removed and the index is
     /// unchanged.
     pub fn put(&self, digest: &Digest, data: &[u8]) -> Result<(), CacheError> {
-        let inner = &*self.inner;
         let actual = hash(digest.algorithm(), data);
         if actual != *digest {
             return Err(CacheError::DigestMismatch {
@@ -464,6 +483,58 @@ impl ChunkCache {
             });
         }
         let size = data.len() as u64;
+        let hot = (size <= self.inner.config.memory_bytes).then(|| Bytes::copy_from_slice(data));
+        self.store(digest, size, hot, |w| w.write_all(data))
+    }
+
+    /// Stores content too large to hold in memory (a whole file assembled from its chunks, for
+    /// FUSE passthrough): `write` streams exactly `size` bytes into the cache's temporary file,
+    /// which is hashed on the way and published under `digest` only if it matches. Same rules
+    /// as [`ChunkCache::put`] otherwise; the content does not enter the memory hot set.
+    pub fn put_with(
+        &self,
+        digest: &Digest,
+        size: u64,
+        write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<(), CacheError> {
+        let mut verified = None;
+        let result = self.store(digest, size, None, |w| {
+            let mut hashing = HashingWriter {
+                inner: w,
+                verifier: crate::digest::Verifier::new(digest.algorithm()),
+                written: 0,
+            };
+            write(&mut hashing)?;
+            verified = Some((hashing.verifier.finish(), hashing.written));
+            match verified {
+                Some((actual, n)) if actual == *digest && n == size => Ok(()),
+                _ => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "digest mismatch",
+                )),
+            }
+        });
+        match (result, verified) {
+            (Err(CacheError::Store { .. }), Some((actual, _))) if actual != *digest => {
+                Err(CacheError::DigestMismatch {
+                    expected: Box::new(*digest),
+                    actual: Box::new(actual),
+                })
+            }
+            (r, _) => r,
+        }
+    }
+
+    /// Writes content to a temporary file with `write`, then publishes it under `digest`
+    /// (the caller has verified, or `write` verifies and fails).
+    fn store(
+        &self,
+        digest: &Digest,
+        size: u64,
+        hot: Option<Bytes>,
+        write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<(), CacheError> {
+        let inner = &*self.inner;
         if size > inner.config.budget_bytes {
             debug!(%digest, size, budget = inner.config.budget_bytes, "chunk larger than cache budget; not stored");
             return Ok(());
@@ -487,11 +558,14 @@ impl ChunkCache {
             .prefix("chunk-")
             .tempfile_in(&inner.tmp)
             .map_err(store_err(&inner.tmp))?;
-        tmp.write_all(data).map_err(store_err(tmp.path()))?;
+        {
+            let mut out = io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
+            write(&mut out).map_err(store_err(&inner.tmp))?;
+            out.flush().map_err(store_err(&inner.tmp))?;
+        }
         if inner.config.fsync {
             tmp.as_file().sync_all().map_err(store_err(tmp.path()))?;
         }
-        let hot = (size <= inner.config.memory_bytes).then(|| Bytes::copy_from_slice(data));
         let file = {
             let mut st = inner.state.lock();
             if st.touch(digest) {
@@ -649,6 +723,30 @@ mod tests {
         assert_eq!(files_under(&dir.path().join("blobs")).len(), 1);
         let s = cache.stats();
         assert_eq!((s.used_bytes, s.entries, s.inserts), (4096, 1, 1));
+        assert!(files_under(&dir.path().join("tmp")).is_empty());
+    }
+
+    #[test]
+    fn put_with_streams_and_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), cfg(1 << 30, 0)).unwrap();
+        let (d, data) = chunk(9, 3 << 20);
+        cache
+            .put_with(&d, data.len() as u64, |w| {
+                for piece in data.chunks(100_000) {
+                    w.write_all(piece)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(&cache.get(&d).unwrap().unwrap()[..], &data[..]);
+        let (d2, _) = chunk(10, 1000);
+        let err = cache
+            .put_with(&d2, 4, |w| w.write_all(b"evil"))
+            .unwrap_err();
+        assert!(matches!(err, CacheError::DigestMismatch { .. }), "{err}");
+        assert!(!cache.contains(&d2));
+        assert_consistent(&cache);
         assert!(files_under(&dir.path().join("tmp")).is_empty());
     }
 

@@ -342,7 +342,53 @@ impl LayerSource {
     /// Fetches every chunk not yet cached, at background priority, until the layer is fully
     /// local. Chunks that fail are logged and left for on-demand reads.
     pub async fn fill(&self) -> Result<(), ChunkError> {
-        self.fill_range(u64::MAX, Priority::Background).await
+        self.fill_range(u64::MAX, Priority::Background).await?;
+        self.assemble_files().await;
+        Ok(())
+    }
+
+    /// Writes a whole-file copy of every multi-chunk file (verified against the file digest
+    /// from the TOC) into the cache, so FUSE passthrough can serve large files too. Needs
+    /// every chunk cached; files without a digest are skipped.
+    async fn assemble_files(&self) {
+        let layer = self.inner.layer.clone();
+        let cache = self.inner.cache.clone();
+        let digest = self.digest();
+        let work = move || {
+            let mut done = 0usize;
+            for id in 0..layer.len() as NodeId {
+                let chunks = layer.chunks(id);
+                let (Some(file_digest), true) = (layer.file_digest(id), chunks.len() > 1) else {
+                    continue;
+                };
+                if cache.contains(file_digest) {
+                    continue;
+                }
+                let size = layer.node(id).map_or(0, |n| n.size);
+                let result = cache.put_with(file_digest, size, |w| {
+                    for c in chunks {
+                        let data = c
+                            .digest
+                            .and_then(|d| cache.get(&d).ok().flatten())
+                            .ok_or_else(|| std::io::Error::other("chunk no longer cached"))?;
+                        w.write_all(&data)?;
+                    }
+                    Ok(())
+                });
+                match result {
+                    Ok(()) => done += 1,
+                    Err(e) => tracing::warn!(layer = %digest, node = id, error = %e,
+                        "could not assemble a whole-file copy; the file stays served by chunks"),
+                }
+            }
+            done
+        };
+        match tokio::task::spawn_blocking(work).await {
+            Ok(n) if n > 0 => {
+                tracing::debug!(layer = %digest, files = n, "whole-file copies ready for passthrough")
+            }
+            _ => {}
+        }
     }
 
     async fn fill_range(&self, until: u64, priority: Priority) -> Result<(), ChunkError> {
@@ -430,12 +476,18 @@ impl LayerSource {
 
     /// A local file with a regular file's complete, verified content, if one exists: a
     /// single-chunk file's content is exactly its cached chunk file (so most files can be
-    /// served by FUSE passthrough without copying).
+    /// served by FUSE passthrough without copying); a multi-chunk file has one once the
+    /// background fill assembled it (by the file digest).
     pub fn backing_file(&self, node: NodeId) -> Option<std::path::PathBuf> {
         let chunks = self.inner.layer.chunks(node);
         match chunks {
             [only] => only.digest.and_then(|d| self.inner.cache.path_of(&d)),
-            _ => None,
+            [] => None,
+            _ => self
+                .inner
+                .layer
+                .file_digest(node)
+                .and_then(|d| self.inner.cache.path_of(d)),
         }
     }
 
