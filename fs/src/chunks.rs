@@ -465,6 +465,39 @@ impl LayerSource {
         }
     }
 
+    /// Caches every chunk lying wholly inside `bytes` (blob bytes starting at `start`), e.g.
+    /// the speculative tail read that found the TOC: for small layers that read covers the
+    /// whole blob, and the layer is then complete without another request. Runs in the
+    /// background; chunks that fail verification are simply left to be fetched.
+    pub fn seed(&self, start: u64, bytes: Bytes) {
+        let this = self.clone();
+        let end = start + bytes.len() as u64;
+        let work = move || {
+            let mut seeded = 0u64;
+            for c in this.inner.layer.all_chunks() {
+                let Some(digest) = c.digest else { continue };
+                if c.blob_offset < start
+                    || c.blob_offset.saturating_add(c.blob_len) > end
+                    || this.inner.cache.contains(&digest)
+                {
+                    continue;
+                }
+                let from = (c.blob_offset - start) as usize;
+                let unit = &bytes[from..from + c.blob_len as usize];
+                let Ok(data) = decompress(this.inner.compression, unit, c) else {
+                    continue;
+                };
+                if digest.matches(&data) && this.inner.cache.put(&digest, &data).is_ok() {
+                    seeded += 1;
+                }
+            }
+            if seeded > 0 {
+                tracing::debug!(layer = %this.digest(), chunks = seeded, "cached chunks from the TOC read");
+            }
+        };
+        self.inner.runtime.spawn_blocking(work);
+    }
+
     /// Whether every chunk of the layer is in the cache.
     pub fn is_complete(&self) -> bool {
         self.inner

@@ -120,6 +120,7 @@ pub async fn open_estargz(
         source,
         runtime,
     );
+    source.seed(start, tail);
     Ok(OpenedLayer {
         source,
         prefetch: opened.prefetch,

@@ -13,6 +13,8 @@
 //!
 //! Everything here may panic with a descriptive message on failure: it is test code.
 
+pub mod containerd;
+pub mod images;
 pub mod proxy;
 pub mod push;
 pub mod registry;
@@ -21,6 +23,7 @@ pub mod token;
 pub mod tree;
 pub mod util;
 
+pub use containerd::TestContainerd;
 pub use lazypull_fetcher::Digest;
 pub use proxy::{BodyOutcome, CountingProxy, RecordedRequest};
 pub use push::{
