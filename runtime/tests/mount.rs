@@ -282,3 +282,50 @@ async fn registry_down_fails_reads_in_bounded_time_then_recovers() {
     let got = tokio::task::block_in_place(|| std::fs::read(mnt.path().join("second.bin"))).unwrap();
     assert_eq!(got, second, "read after the registry came back");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stat_storm_stays_fast_while_a_read_is_stalled() {
+    let registry = TestRegistry::plain();
+    let big = random_bytes(6 << 20, 41);
+    let mut entries = vec![
+        E::File("big.bin", 0o644, big.clone()),
+        E::Dir("many", 0o755),
+    ];
+    let names: Vec<String> = (0..200).map(|i| format!("many/f{i}")).collect();
+    for n in &names {
+        entries.push(E::File(n, 0o644, b"x".to_vec()));
+    }
+    let tar = build_tar(entries);
+    let (layer, _) = estargz_layer(&tar, None);
+    registry
+        .pusher()
+        .push_image_with(
+            "lazy/stall",
+            "v1",
+            &ImageSpec::new(vec![layer], "linux", "amd64"),
+        )
+        .await;
+    let proxy = CountingProxy::start(&registry.host());
+    let mnt = tempfile::tempdir().unwrap();
+    let mut lp = Lazypull::new(&["--background-fill", "false"]);
+    let image = format!("{}/lazy/stall:v1", proxy.host());
+    tokio::task::block_in_place(|| lp.mount(&image, mnt.path()));
+
+    proxy.set_delay(Duration::from_secs(3));
+    let path = mnt.path().join("big.bin");
+    let reader = std::thread::spawn(move || std::fs::read(path));
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    for i in 0..1000 {
+        let p = mnt.path().join(&names[i % names.len()]);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1);
+    }
+    let storm = start.elapsed();
+    assert!(
+        !reader.is_finished(),
+        "the read was not stalled; the test proves nothing"
+    );
+    assert!(storm < Duration::from_secs(1), "1,000 stats took {storm:?}");
+    let got = tokio::task::block_in_place(|| reader.join().unwrap().unwrap());
+    assert!(got == big, "stalled read returned wrong data");
+}
