@@ -329,3 +329,71 @@ async fn stat_storm_stays_fast_while_a_read_is_stalled() {
     let got = tokio::task::block_in_place(|| reader.join().unwrap().unwrap());
     assert!(got == big, "stalled read returned wrong data");
 }
+
+/// FUSE mounts under `root` (the layer mounts of a mount server).
+fn layer_mounts(root: &Path) -> usize {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = root.to_str().unwrap();
+    mounts
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(4)
+                .is_some_and(|mp| mp.starts_with(root))
+        })
+        .filter(|l| l.contains(" - fuse"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn layers_shared_between_images_are_mounted_once() {
+    let registry = TestRegistry::plain();
+    let base = build_tar(vec![E::File("base.txt", 0o644, b"shared base".to_vec())]);
+    let top1 = build_tar(vec![E::File("one.txt", 0o644, b"image one".to_vec())]);
+    let top2 = build_tar(vec![E::File("two.txt", 0o644, b"image two".to_vec())]);
+    let pusher = registry.pusher();
+    for (repo, top) in [("lazy/one", &top1), ("lazy/two", &top2)] {
+        let layers = vec![estargz_layer(&base, None).0, estargz_layer(top, None).0];
+        pusher
+            .push_image_with(repo, "v1", &ImageSpec::new(layers, "linux", "amd64"))
+            .await;
+    }
+    let (m1, m2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut lp = Lazypull::new(&[]);
+    let root = lp.root.path().to_path_buf();
+    tokio::task::block_in_place(|| {
+        lp.mount(&format!("{}/lazy/one:v1", registry.host()), m1.path());
+        lp.mount(&format!("{}/lazy/two:v1", registry.host()), m2.path());
+    });
+    assert_eq!(
+        layer_mounts(&root),
+        3,
+        "the shared base layer must be mounted once"
+    );
+    assert_eq!(
+        std::fs::read(m1.path().join("base.txt")).unwrap(),
+        b"shared base"
+    );
+    assert_eq!(
+        std::fs::read(m2.path().join("two.txt")).unwrap(),
+        b"image two"
+    );
+    assert!(!m1.path().join("two.txt").exists());
+
+    tokio::task::block_in_place(|| lp.umount(m1.path()));
+    assert_eq!(
+        layer_mounts(&root),
+        2,
+        "image two's layers must stay mounted"
+    );
+    assert_eq!(
+        std::fs::read(m2.path().join("base.txt")).unwrap(),
+        b"shared base"
+    );
+    tokio::task::block_in_place(|| lp.umount(m2.path()));
+    let start = Instant::now();
+    while lp.server_running() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(layer_mounts(&root), 0);
+}
