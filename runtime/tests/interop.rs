@@ -15,81 +15,12 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::process::Output;
 
-use common::{build_tar, Lazypull, E, ESTARGZ_MEDIA_TYPE, TOC_ANNOTATION};
+use common::{
+    sample_base_layer, sample_top_layer, Lazypull, BIG, ESTARGZ_MEDIA_TYPE, TOC_ANNOTATION,
+};
 use lazypull_fs::estargz::{open_toc, Prefetch, ReaderConfig};
 use lazypull_tests::tree::{apply_layers, describe_tree, diff_trees};
-use lazypull_tests::{random_bytes, Digest, ImageSpec, Layer, TestContainerd, TestRegistry};
-
-/// Size of the file that spans several chunks of ctr-remote's default 4 MiB chunk size.
-const BIG: usize = (6 << 20) + 12_345;
-
-fn base_layer() -> Vec<u8> {
-    let text: Vec<u8> = (0..120_000)
-        .flat_map(|i| format!("line {i}: compressible text for the chunker\n").into_bytes())
-        .collect();
-    build_tar(vec![
-        E::Dir("etc", 0o755),
-        E::File("etc/hosts", 0o644, b"127.0.0.1 localhost\n".to_vec()),
-        E::FileOwned("etc/shadow", 0o640, 0, 42, b"root:*:19000::::::\n".to_vec()),
-        E::FileOwned("etc/owned", 0o600, 1000, 1000, b"someone else's\n".to_vec()),
-        E::Dir("usr", 0o755),
-        E::Dir("usr/bin", 0o755),
-        E::File("usr/bin/tool", 0o4755, random_bytes(200_000, 101)),
-        E::Hardlink("usr/bin/tool-link", "usr/bin/tool"),
-        E::Symlink("bin", "usr/bin"),
-        E::Symlink("dangling", "../nowhere/at/all"),
-        E::Dir("tmp", 0o1777),
-        E::File("empty", 0o600, vec![]),
-        E::File("one", 0o644, b"1".to_vec()),
-        E::File("big.bin", 0o644, random_bytes(BIG, 102)),
-        E::File("exact-4m.bin", 0o644, random_bytes(4 << 20, 103)),
-        E::File("text.log", 0o644, text),
-        E::Xattr("labelled", "user.lazypull.test", b"hello", b"has an xattr".to_vec()),
-        E::Dir("dev", 0o755),
-        E::Char("dev/null", 1, 3),
-        E::Fifo("dev/pipe"),
-        E::Dir("a", 0o755),
-        E::File("a/x", 0o644, b"deleted above".to_vec()),
-        E::File("a/keep", 0o644, b"kept".to_vec()),
-        E::Dir("d", 0o700),
-        E::File("d/z", 0o644, b"hidden by opaque dir".to_vec()),
-        E::Dir("d/sub", 0o755),
-        E::File("d/sub/deeper", 0o644, b"also hidden".to_vec()),
-        E::Dir("gone", 0o755),
-        E::File("gone/file", 0o644, b"whole dir whited out".to_vec()),
-        E::File(
-            "deep/very/long/path/that/goes/on/and/on/beyond/one/hundred/characters/in/total/length/file.txt",
-            0o644,
-            b"long".to_vec(),
-        ),
-    ])
-}
-
-fn top_layer() -> Vec<u8> {
-    build_tar(vec![
-        E::Dir("a", 0o755),
-        E::File("a/.wh.x", 0o644, vec![]),
-        E::File(".wh.gone", 0o644, vec![]),
-        E::Dir("d", 0o755),
-        E::File("d/.wh..wh..opq", 0o644, vec![]),
-        E::File("d/new", 0o644, b"new in opaque dir".to_vec()),
-        E::File("etc/hosts", 0o644, b"10.0.0.1 changed\n".to_vec()),
-        E::File("top-only", 0o755, random_bytes(3 << 20, 104)),
-        E::Hardlink("top-link", "top-only"),
-    ])
-}
-
-/// Panics with the command's output unless it succeeded.
-fn check(what: &str, out: &Output, cd: &TestContainerd) {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}\ncontainerd log tail:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        cd.log_tail(30)
-    );
-}
+use lazypull_tests::{Digest, ImageSpec, Layer, TestContainerd, TestRegistry};
 
 #[test]
 fn mounts_estargz_converted_by_ctr_remote() {
@@ -100,7 +31,7 @@ fn mounts_estargz_converted_by_ctr_remote() {
     let plain_ref = format!("{host}/interop/plain:v1");
     let esgz_ref = format!("{host}/interop/esgz:v1");
 
-    let (base, top) = (base_layer(), top_layer());
+    let (base, top) = (sample_base_layer(), sample_top_layer());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let pushed = rt.block_on(registry.pusher().push_image_with(
         "interop/plain",
@@ -242,4 +173,16 @@ fn mounts_estargz_converted_by_ctr_remote() {
         assert_eq!(a.nlink(), 2);
     }
     lp.umount(mnt.path());
+}
+
+/// Panics with the command's output unless it succeeded.
+fn check(what: &str, out: &Output, cd: &TestContainerd) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}\ncontainerd log tail:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        cd.log_tail(30)
+    );
 }

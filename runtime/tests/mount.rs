@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{build_tar, estargz_layer, Lazypull, E};
+use common::{build_tar, estargz_layer, sample_base_layer, sample_top_layer, Lazypull, E};
 use lazypull_tests::tree::{apply_layers, describe_tree, diff_trees};
 use lazypull_tests::{random_bytes, CountingProxy, ImageSpec, Layer, TestRegistry};
 
@@ -24,53 +24,10 @@ fn read_all_files(root: &Path) -> usize {
     n
 }
 
-fn base_layer() -> Vec<u8> {
-    build_tar(vec![
-        E::Dir("etc", 0o755),
-        E::File("etc/hosts", 0o644, b"127.0.0.1 localhost\n".to_vec()),
-        E::FileOwned("etc/shadow", 0o640, 0, 42, b"root:*:19000::::::\n".to_vec()),
-        E::Dir("usr", 0o755),
-        E::Dir("usr/bin", 0o755),
-        E::File("usr/bin/tool", 0o4755, random_bytes(200_000, 1)),
-        E::Hardlink("usr/bin/tool-link", "usr/bin/tool"),
-        E::Symlink("bin", "usr/bin"),
-        E::File("empty", 0o600, vec![]),
-        E::File("one", 0o644, b"1".to_vec()),
-        E::File("big.bin", 0o644, random_bytes(17 << 20, 2)),
-        E::Xattr("labelled", "user.lazypull.test", b"hello", b"has an xattr".to_vec()),
-        E::Dir("dev", 0o755),
-        E::Char("dev/null", 1, 3),
-        E::Block("dev/loop0", 7, 0),
-        E::Fifo("dev/pipe"),
-        E::Dir("a", 0o755),
-        E::File("a/x", 0o644, b"deleted above".to_vec()),
-        E::File("a/keep", 0o644, b"kept".to_vec()),
-        E::Dir("d", 0o700),
-        E::File("d/z", 0o644, b"hidden by opaque dir".to_vec()),
-        E::File(
-            "deep/very/long/path/that/goes/on/and/on/beyond/one/hundred/characters/in/total/length/file.txt",
-            0o644,
-            b"long".to_vec(),
-        ),
-    ])
-}
-
-fn top_layer() -> Vec<u8> {
-    build_tar(vec![
-        E::Dir("a", 0o755),
-        E::File("a/.wh.x", 0o644, vec![]),
-        E::Dir("d", 0o755),
-        E::File("d/.wh..wh..opq", 0o644, vec![]),
-        E::File("d/new", 0o644, b"new in opaque dir".to_vec()),
-        E::File("etc/hosts", 0o644, b"10.0.0.1 changed\n".to_vec()),
-        E::File("top-only", 0o755, random_bytes(3 << 20, 3)),
-    ])
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn mounted_image_equals_extracted_layers() {
     let registry = TestRegistry::plain();
-    let (base, top) = (base_layer(), top_layer());
+    let (base, top) = (sample_base_layer(), sample_top_layer());
     let (l1, _) = estargz_layer(&base, None);
     let (l2, _) = estargz_layer(&top, None);
     registry

@@ -12,13 +12,13 @@
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tempfile::TempDir;
+
+use crate::util::{find_in_path, spawn_from_spawner_thread};
 
 /// How long [`TestContainerd::start`] waits until `ctr version` answers.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -48,13 +48,6 @@ impl std::fmt::Debug for TestContainerd {
     }
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 /// `name` on `PATH` or in `/usr/bin`; panics with how to install it otherwise.
 fn binary(name: &str, package: &str) -> PathBuf {
     find_in_path(name)
@@ -68,34 +61,6 @@ fn binary(name: &str, package: &str) -> PathBuf {
                  containerd and ctr-remote; {INSTALL_HINT}"
             )
         })
-}
-
-type SpawnJob = (Command, mpsc::Sender<std::io::Result<Child>>);
-
-/// Spawns `cmd` from a thread that lives as long as the process: `PR_SET_PDEATHSIG` fires when
-/// the *thread* that forked the child exits, so forking from short-lived test threads would kill
-/// the daemon early.
-fn spawn_from_spawner_thread(cmd: Command) -> std::io::Result<Child> {
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnJob>>> = OnceLock::new();
-    let sender = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnJob>();
-        std::thread::Builder::new()
-            .name("lazypull-containerd-spawner".to_string())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            })
-            .expect("spawn the process-spawner thread");
-        Mutex::new(tx)
-    });
-    let (reply_tx, reply_rx) = mpsc::channel();
-    sender
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .send((cmd, reply_tx))
-        .expect("spawner thread is alive");
-    reply_rx.recv().expect("spawner thread answers")
 }
 
 /// Mount points listed in `/proc/self/mountinfo` (field 5, octal escapes decoded).

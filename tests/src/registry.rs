@@ -11,8 +11,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use lazypull_fetcher::Digest;
@@ -23,7 +21,7 @@ use tempfile::TempDir;
 
 use crate::push::{PushAuth, Pusher};
 use crate::token::TokenIssuer;
-use crate::util::free_port;
+use crate::util::{find_in_path, free_port, spawn_from_spawner_thread};
 
 /// How long [`TestRegistry::start`] and [`TestRegistry::restart`] wait for `GET /v2/`.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,41 +92,6 @@ fn registry_binary() -> PathBuf {
             p.is_file().then_some(p)
         })
         .unwrap_or_else(|| panic!("docker-registry not found: apt-get install docker-registry"))
-}
-
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-type SpawnJob = (Command, mpsc::Sender<std::io::Result<Child>>);
-
-/// Spawns `cmd` from a thread that lives as long as the process: `PR_SET_PDEATHSIG` fires when
-/// the *thread* that forked the child exits, so forking from short-lived test or blocking-pool
-/// threads would kill registries early.
-fn spawn_from_spawner_thread(cmd: Command) -> std::io::Result<Child> {
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnJob>>> = OnceLock::new();
-    let sender = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnJob>();
-        std::thread::Builder::new()
-            .name("lazypull-test-spawner".to_string())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            })
-            .expect("spawn the process-spawner thread");
-        Mutex::new(tx)
-    });
-    let (reply_tx, reply_rx) = mpsc::channel();
-    sender
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .send((cmd, reply_tx))
-        .expect("spawner thread is alive");
-    reply_rx.recv().expect("spawner thread answers")
 }
 
 /// Asks `GET /v2/` on `addr` with a raw HTTP/1.1 request and returns the status code.

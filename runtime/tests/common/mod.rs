@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use lazypull_fs::estargz::{write_estargz, WriterOptions};
-use lazypull_tests::Layer;
+use lazypull_tests::{random_bytes, Layer};
 
 /// Manifest annotation carrying the TOC digest.
 pub const TOC_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
@@ -212,4 +212,69 @@ impl Drop for Lazypull {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Size of the sample file that spans several chunks (more than 16 MiB, four of the
+/// default 4 MiB chunks).
+pub const BIG: usize = (17 << 20) + 12_345;
+
+/// The base layer of the sample image: every entry type, ownership, modes, xattrs, a long
+/// path, and paths the top layer deletes or hides.
+pub fn sample_base_layer() -> Vec<u8> {
+    let text: Vec<u8> = (0..120_000)
+        .flat_map(|i| format!("line {i}: compressible text for the chunker\n").into_bytes())
+        .collect();
+    build_tar(vec![
+        E::Dir("etc", 0o755),
+        E::File("etc/hosts", 0o644, b"127.0.0.1 localhost\n".to_vec()),
+        E::FileOwned("etc/shadow", 0o640, 0, 42, b"root:*:19000::::::\n".to_vec()),
+        E::FileOwned("etc/owned", 0o600, 1000, 1000, b"someone else's\n".to_vec()),
+        E::Dir("usr", 0o755),
+        E::Dir("usr/bin", 0o755),
+        E::File("usr/bin/tool", 0o4755, random_bytes(200_000, 101)),
+        E::Hardlink("usr/bin/tool-link", "usr/bin/tool"),
+        E::Symlink("bin", "usr/bin"),
+        E::Symlink("dangling", "../nowhere/at/all"),
+        E::Dir("tmp", 0o1777),
+        E::File("empty", 0o600, vec![]),
+        E::File("one", 0o644, b"1".to_vec()),
+        E::File("big.bin", 0o644, random_bytes(BIG, 102)),
+        E::File("exact-4m.bin", 0o644, random_bytes(4 << 20, 103)),
+        E::File("text.log", 0o644, text),
+        E::Xattr("labelled", "user.lazypull.test", b"hello", b"has an xattr".to_vec()),
+        E::Dir("dev", 0o755),
+        E::Char("dev/null", 1, 3),
+        E::Block("dev/loop0", 7, 0),
+        E::Fifo("dev/pipe"),
+        E::Dir("a", 0o755),
+        E::File("a/x", 0o644, b"deleted above".to_vec()),
+        E::File("a/keep", 0o644, b"kept".to_vec()),
+        E::Dir("d", 0o700),
+        E::File("d/z", 0o644, b"hidden by opaque dir".to_vec()),
+        E::Dir("d/sub", 0o755),
+        E::File("d/sub/deeper", 0o644, b"also hidden".to_vec()),
+        E::Dir("gone", 0o755),
+        E::File("gone/file", 0o644, b"whole dir whited out".to_vec()),
+        E::File(
+            "deep/very/long/path/that/goes/on/and/on/beyond/one/hundred/characters/in/total/length/file.txt",
+            0o644,
+            b"long".to_vec(),
+        ),
+    ])
+}
+
+/// The top layer: whiteouts (a file and a whole directory), an opaque directory, an
+/// overwritten file, a new file with a hard link.
+pub fn sample_top_layer() -> Vec<u8> {
+    build_tar(vec![
+        E::Dir("a", 0o755),
+        E::File("a/.wh.x", 0o644, vec![]),
+        E::File(".wh.gone", 0o644, vec![]),
+        E::Dir("d", 0o755),
+        E::File("d/.wh..wh..opq", 0o644, vec![]),
+        E::File("d/new", 0o644, b"new in opaque dir".to_vec()),
+        E::File("etc/hosts", 0o644, b"10.0.0.1 changed\n".to_vec()),
+        E::File("top-only", 0o755, random_bytes(3 << 20, 104)),
+        E::Hardlink("top-link", "top-only"),
+    ])
 }
