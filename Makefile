@@ -16,9 +16,13 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-## Fetcher throughput and cache latency benchmark (prints ratios against curl).
+## Benchmarks, each printing ratios measured in the same run: fetcher throughput and cache
+## latency (against curl), then the filesystem (cold start, warm reads, metadata walk, memory)
+## through the release `lazypull` binary.
 bench:
 	$(CARGO) run --release -p lazypull-benches --bin fetch-bench
+	$(CARGO) build --release -p lazypull
+	$(CARGO) run --release -p lazypull-benches --bin fs-bench
 
 ## Demo: starts a throw-away registry, pushes an image, and inspects it with lazypull.
 demo:

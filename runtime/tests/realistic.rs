@@ -9,6 +9,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{Lazypull, ESTARGZ_MEDIA_TYPE, TOC_ANNOTATION};
@@ -42,6 +43,83 @@ fn to_estargz(tars: &[Vec<u8>]) -> Vec<Layer> {
     })
 }
 
+/// A [`Lazypull`] with one image mounted. Dropping it (also on panic) unmounts the image and
+/// waits for the mount server *process* to exit before the root is removed: the server may
+/// still be writing its cache after its socket is gone, and a concurrent removal of the root
+/// would then leave directories behind.
+struct Mounted {
+    lp: Option<Lazypull>,
+    dir: PathBuf,
+}
+
+impl Mounted {
+    fn new(lp: Lazypull, dir: &Path) -> Mounted {
+        Mounted {
+            lp: Some(lp),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn lp(&mut self) -> &mut Lazypull {
+        self.lp.as_mut().expect("not finished")
+    }
+
+    /// Unmounts (asserting success), waits for the server to exit, removes the root.
+    fn finish(mut self) {
+        let dir = self.dir.clone();
+        self.lp().umount(&dir);
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let Some(lp) = self.lp.take() else { return };
+        let _ = lp.cmd(&["umount", &self.dir.display().to_string()]);
+        let start = Instant::now();
+        while server_pid(lp.root.path()).is_some() && start.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(lp);
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A thread joined on drop too, so a failing test does not exit while it still writes into a
+/// temporary directory (which would then be left behind).
+struct Joined<T>(Option<std::thread::JoinHandle<T>>);
+
+impl<T> Joined<T> {
+    fn join(mut self) -> T {
+        let handle = self.0.take().expect("joined once");
+        handle.join().expect("extraction thread panicked")
+    }
+}
+
+impl<T> Drop for Joined<T> {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// PID of the mount server of `root`, from `/proc/*/cmdline`.
+fn server_pid(root: &Path) -> Option<u32> {
+    let root = root.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        (args.contains(&&b"mount-server"[..]) && args.contains(&root.as_bytes()))
+            .then_some(pid)
+            .filter(|pid| lazypull_tests::pid_alive(*pid))
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn realistic_image_is_lazy_and_complete_mount_equals_extraction() {
     let start = Instant::now();
@@ -58,12 +136,12 @@ async fn realistic_image_is_lazy_and_complete_mount_equals_extraction() {
     );
 
     // The reference tree, extracted while the registry part runs.
-    let expected_dir = tempfile::tempdir().unwrap();
-    let expected_path = expected_dir.path().to_path_buf();
-    let expected = std::thread::spawn(move || {
-        apply_layers(&tars, &expected_path);
-        describe_tree(&expected_path)
-    });
+    let expected = Joined(Some(std::thread::spawn(move || {
+        let dir = tempfile::tempdir().unwrap();
+        apply_layers(&tars, dir.path());
+        let tree = describe_tree(dir.path());
+        (dir, tree)
+    })));
 
     let registry = TestRegistry::plain();
     registry
@@ -81,11 +159,10 @@ async fn realistic_image_is_lazy_and_complete_mount_equals_extraction() {
     let mnt = tempfile::tempdir().unwrap();
     let mut lp = Lazypull::new(&["--background-fill", "false"]);
     let small = "etc/os-release";
-    let (mounted, content) = tokio::task::block_in_place(|| {
-        lp.mount(&image, mnt.path());
-        let mounted = proxy.total_body_bytes();
-        (mounted, std::fs::read(mnt.path().join(small)).unwrap())
-    });
+    tokio::task::block_in_place(|| lp.mount(&image, mnt.path()));
+    let lazy = Mounted::new(lp, mnt.path());
+    let mounted = proxy.total_body_bytes();
+    let content = tokio::task::block_in_place(|| std::fs::read(mnt.path().join(small)).unwrap());
     let fetched = proxy.total_body_bytes();
     let requests = proxy.count(|_| true);
     eprintln!(
@@ -98,10 +175,9 @@ async fn realistic_image_is_lazy_and_complete_mount_equals_extraction() {
         fetched * 20 < blob_bytes,
         "fetched {fetched} of {blob_bytes} bytes to read one small file"
     );
-    tokio::task::block_in_place(|| lp.umount(mnt.path()));
-    drop(lp);
+    tokio::task::block_in_place(|| lazy.finish());
 
-    let expected = tokio::task::block_in_place(|| expected.join().unwrap());
+    let (expected_dir, expected) = tokio::task::block_in_place(|| expected.join());
     assert_eq!(
         content,
         std::fs::read(expected_dir.path().join(small)).unwrap(),
@@ -114,9 +190,10 @@ async fn realistic_image_is_lazy_and_complete_mount_equals_extraction() {
     let mut lp = Lazypull::new(&[]);
     let image = format!("{}/lazy/realistic:v1", registry.host());
     let fill = Instant::now();
+    tokio::task::block_in_place(|| lp.mount(&image, mnt.path()));
+    let mut full = Mounted::new(lp, mnt.path());
     let actual = tokio::task::block_in_place(|| {
-        lp.mount(&image, mnt.path());
-        lp.wait_complete(Duration::from_secs(120));
+        full.lp().wait_complete(Duration::from_secs(120));
         eprintln!("background fill completed in {:?}", fill.elapsed());
         describe_tree(mnt.path())
     });
@@ -132,6 +209,6 @@ async fn realistic_image_is_lazy_and_complete_mount_equals_extraction() {
     let a = std::fs::metadata(mnt.path().join("usr/bin/perl")).unwrap();
     let b = std::fs::metadata(mnt.path().join("usr/bin/perl5.36.0")).unwrap();
     assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
-    tokio::task::block_in_place(|| lp.umount(mnt.path()));
+    tokio::task::block_in_place(|| full.finish());
     eprintln!("total {:?}", start.elapsed());
 }
