@@ -12,12 +12,14 @@
 //! and paged in), so the rest of it is fetched at prefetch priority right away, instead of one
 //! round trip per 128 KiB kernel request.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use lazypull_fetcher::{BlobReader, ChunkCache, Digest, Priority};
+use tokio::sync::{watch, Semaphore};
 
 use crate::toc::{Chunk, Kind, Layer, NodeId};
 
@@ -107,6 +109,10 @@ pub struct SourceStats {
 pub struct SourceConfig {
     /// How far past a read the rest of the file is fetched at prefetch priority.
     pub read_ahead: u64,
+    /// Compressed bytes of the chunks that follow a file in the blob (usually its neighbours
+    /// in the directory, read next by importers and loaders) fetched along with an on-demand
+    /// read, so a workload of many small files pays few round trips.
+    pub read_around: u64,
     /// Compressed bytes per background-fill batch (issued together so they merge).
     pub fill_batch: u64,
     /// Cap of the background fill in compressed bytes per second (`None`: as fast as the
@@ -118,6 +124,7 @@ impl Default for SourceConfig {
     fn default() -> Self {
         SourceConfig {
             read_ahead: 32 << 20,
+            read_around: 1 << 20,
             fill_batch: 8 << 20,
             fill_rate: None,
         }
@@ -138,6 +145,39 @@ struct Inner {
     config: SourceConfig,
     stats: SourceStats,
     runtime: tokio::runtime::Handle,
+    /// Chunk indices (into `layer.all_chunks()`) in blob order, for read-around.
+    blob_order: Vec<u32>,
+    /// Chunks being loaded: later readers of the same chunk wait for the first one's result
+    /// instead of fetching overlapping ranges again.
+    loading: parking_lot::Mutex<HashMap<Digest, watch::Receiver<Loaded>>>,
+}
+
+/// The shared outcome of loading one chunk.
+type Loaded = Option<Result<Bytes, ChunkError>>;
+
+/// Bounds CPU-heavy work (decompression, hashing, cache disk reads) to the number of cores,
+/// process-wide: unbounded `spawn_blocking` would run hundreds of multi-MiB decompressions at
+/// once and leave glibc's per-thread arenas holding hundreds of MiB afterwards.
+fn cpu_permits() -> &'static Arc<Semaphore> {
+    static PERMITS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    PERMITS.get_or_init(|| {
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Arc::new(Semaphore::new(n))
+    })
+}
+
+/// Runs `work` on the blocking pool under a CPU permit.
+async fn cpu<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ChunkError> {
+    let _permit = cpu_permits()
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| ChunkError::Cache(e.to_string()))?;
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ChunkError::Cache(e.to_string()))
 }
 
 impl std::fmt::Debug for LayerSource {
@@ -157,6 +197,9 @@ impl LayerSource {
         config: SourceConfig,
         runtime: tokio::runtime::Handle,
     ) -> LayerSource {
+        let all = layer.all_chunks();
+        let mut blob_order: Vec<u32> = (0..all.len() as u32).collect();
+        blob_order.sort_by_key(|&i| (all[i as usize].blob_offset, all[i as usize].inner_offset));
         LayerSource {
             inner: Arc::new(Inner {
                 layer,
@@ -166,6 +209,8 @@ impl LayerSource {
                 config,
                 stats: SourceStats::default(),
                 runtime,
+                blob_order,
+                loading: parking_lot::Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -217,6 +262,12 @@ impl LayerSource {
             .filter(|c| c.digest.is_some_and(|d| !self.inner.cache.contains(&d)))
             .copied()
             .collect();
+        let mut ahead = ahead;
+        if priority == Priority::OnDemand {
+            if let Some(last) = chunks.last() {
+                ahead.extend(self.neighbours(last));
+            }
+        }
         if !ahead.is_empty() && priority == Priority::OnDemand {
             let this = self.clone();
             self.inner.runtime.spawn(async move {
@@ -249,17 +300,80 @@ impl LayerSource {
         futures::future::join_all(reads).await.into_iter().collect()
     }
 
-    /// One verified chunk: from the cache, else fetched (refetched once on mismatch).
+    /// Uncached chunks that follow `last` in blob order, up to `read_around` compressed bytes.
+    fn neighbours(&self, last: &Chunk) -> Vec<Chunk> {
+        let all = self.inner.layer.all_chunks();
+        let order = &self.inner.blob_order;
+        let start = order.partition_point(|&i| {
+            let c = &all[i as usize];
+            (c.blob_offset, c.inner_offset) <= (last.blob_offset, last.inner_offset)
+        });
+        let mut budget = self.inner.config.read_around;
+        let mut out = Vec::new();
+        for &i in &order[start..] {
+            if budget == 0 {
+                break;
+            }
+            let c = all[i as usize];
+            budget = budget.saturating_sub(c.blob_len);
+            if c.digest.is_some_and(|d| !self.inner.cache.contains(&d)) {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// One verified chunk: from the cache, else fetched (refetched once on mismatch). Readers
+    /// of a chunk that is already being loaded wait for that load.
     pub async fn chunk(&self, chunk: &Chunk, priority: Priority) -> Result<Bytes, ChunkError> {
-        let layer = self.digest();
         let digest = chunk.digest.ok_or(ChunkError::Unverifiable {
-            layer,
+            layer: self.digest(),
             offset: chunk.blob_offset,
         })?;
+        loop {
+            let (tx, mut rx) = {
+                let mut loading = self.inner.loading.lock();
+                match loading.get(&digest) {
+                    Some(rx) => (None, rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        loading.insert(digest, rx.clone());
+                        (Some(tx), rx)
+                    }
+                }
+            };
+            let Some(tx) = tx else {
+                match rx.wait_for(|v| v.is_some()).await {
+                    Ok(v) => {
+                        if let Some(r) = v.clone() {
+                            return r;
+                        }
+                    }
+                    // The loader was cancelled: load it ourselves.
+                    Err(_) => continue,
+                }
+                continue;
+            };
+            let _done = LoadGuard {
+                source: self,
+                digest,
+            };
+            let result = self.load_chunk(chunk, digest, priority).await;
+            tx.send_replace(Some(result.clone()));
+            return result;
+        }
+    }
+
+    async fn load_chunk(
+        &self,
+        chunk: &Chunk,
+        digest: Digest,
+        priority: Priority,
+    ) -> Result<Bytes, ChunkError> {
+        let layer = self.digest();
         let cache = self.inner.cache.clone();
-        let cached = tokio::task::spawn_blocking(move || cache.get(&digest))
-            .await
-            .map_err(|e| ChunkError::Cache(e.to_string()))?
+        let cached = cpu(move || cache.get(&digest))
+            .await?
             .map_err(|e| ChunkError::Cache(e.to_string()))?;
         if let Some(data) = cached {
             self.inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -287,25 +401,23 @@ impl LayerSource {
             let compression = self.inner.compression;
             let c = *chunk;
             let cache = self.inner.cache.clone();
-            let verified =
-                tokio::task::spawn_blocking(move || -> Result<Option<Bytes>, ChunkError> {
-                    let data = decompress(compression, &compressed, &c).map_err(|detail| {
-                        ChunkError::Corrupt {
-                            layer,
-                            offset: c.blob_offset,
-                            detail,
-                        }
-                    })?;
-                    if !digest.matches(&data) {
-                        return Ok(None);
+            let verified = cpu(move || -> Result<Option<Bytes>, ChunkError> {
+                let data = decompress(compression, &compressed, &c).map_err(|detail| {
+                    ChunkError::Corrupt {
+                        layer,
+                        offset: c.blob_offset,
+                        detail,
                     }
-                    cache
-                        .put(&digest, &data)
-                        .map_err(|e| ChunkError::Cache(e.to_string()))?;
-                    Ok(Some(Bytes::from(data)))
-                })
-                .await
-                .map_err(|e| ChunkError::Cache(e.to_string()))?;
+                })?;
+                if !digest.matches(&data) {
+                    return Ok(None);
+                }
+                cache
+                    .put(&digest, &data)
+                    .map_err(|e| ChunkError::Cache(e.to_string()))?;
+                Ok(Some(Bytes::from(data)))
+            })
+            .await?;
             match verified {
                 Ok(Some(data)) => return Ok(data),
                 Ok(None) | Err(ChunkError::Corrupt { .. }) => {
@@ -543,6 +655,18 @@ impl LayerSource {
                 e.errno()
             }));
         });
+    }
+}
+
+/// Removes a chunk from the loading table when its load ends (or is cancelled).
+struct LoadGuard<'a> {
+    source: &'a LayerSource,
+    digest: Digest,
+}
+
+impl Drop for LoadGuard<'_> {
+    fn drop(&mut self) {
+        self.source.inner.loading.lock().remove(&self.digest);
     }
 }
 

@@ -74,10 +74,7 @@ impl Mounted {
     fn stop(&mut self) {
         let Some(lp) = self.lp.take() else { return };
         let _ = lp.cmd(&["umount", &self.dir.display().to_string()]);
-        let start = Instant::now();
-        while server_pid(lp.root.path()).is_some() && start.elapsed() < Duration::from_secs(20) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        lp.wait_server_exit(Duration::from_secs(20));
         drop(lp);
     }
 }
@@ -105,19 +102,6 @@ impl<T> Drop for Joined<T> {
             let _ = h.join();
         }
     }
-}
-
-/// PID of the mount server of `root`, from `/proc/*/cmdline`.
-fn server_pid(root: &Path) -> Option<u32> {
-    let root = root.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        (args.contains(&&b"mount-server"[..]) && args.contains(&root.as_bytes()))
-            .then_some(pid)
-            .filter(|pid| lazypull_tests::pid_alive(*pid))
-    })
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -190,6 +190,19 @@ impl Lazypull {
     pub fn server_running(&self) -> bool {
         std::os::unix::net::UnixStream::connect(self.root.path().join("mount.sock")).is_ok()
     }
+
+    /// Waits (up to `timeout`) until the mount server process has exited, not just closed its
+    /// socket: it may still finish background work (and write into the root) for a moment.
+    pub fn wait_server_exit(&self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while server_pid(self.root.path()).is_some() {
+            if start.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    }
 }
 
 impl Drop for Lazypull {
@@ -207,9 +220,11 @@ impl Drop for Lazypull {
                 }
             }
         }
-        let start = Instant::now();
-        while self.server_running() && start.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(100));
+        if !self.wait_server_exit(Duration::from_secs(20)) {
+            if let Some(pid) = server_pid(self.root.path()) {
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+                self.wait_server_exit(Duration::from_secs(5));
+            }
         }
     }
 }
@@ -277,4 +292,17 @@ pub fn sample_top_layer() -> Vec<u8> {
         E::File("top-only", 0o755, random_bytes(3 << 20, 104)),
         E::Hardlink("top-link", "top-only"),
     ])
+}
+
+/// PID of the mount server of `root`, from `/proc/*/cmdline`.
+pub fn server_pid(root: &Path) -> Option<u32> {
+    let root = root.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        (args.contains(&&b"mount-server"[..]) && args.contains(&root.as_bytes()))
+            .then_some(pid)
+            .filter(|pid| lazypull_tests::pid_alive(*pid))
+    })
 }
