@@ -32,3 +32,11 @@ pub fn process_cpu() -> Duration {
     // Linux reports in USER_HZ, 100 on every mainstream configuration.
     Duration::from_millis(ticks * 10)
 }
+
+/// Value of the flag `name` (`--runs 5`) on the command line, if given and numeric.
+pub fn arg(name: &str) -> Option<u64> {
+    std::env::args()
+        .skip_while(|a| a != name)
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+}

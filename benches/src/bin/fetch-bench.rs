@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lazypull_benches::{median, mib_per_sec, percentile, process_cpu};
+use lazypull_benches::{arg, median, mib_per_sec, percentile, process_cpu};
 use lazypull_fetcher::credentials::CredentialStore;
 use lazypull_fetcher::hosts::HostsConfig;
 use lazypull_fetcher::{
@@ -24,14 +24,6 @@ use lazypull_tests::{random_bytes, TestRegistry};
 const BLOB: usize = 256 << 20;
 const DEFAULT_RANGE: u64 = 4 << 20;
 const DEFAULT_IN_FLIGHT: usize = 8;
-
-/// Value of `--name N` on the command line.
-fn arg(name: &str) -> Option<u64> {
-    std::env::args()
-        .skip_while(|a| a != name)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-}
 
 fn main() {
     let runs = arg("--runs").unwrap_or(5) as usize;

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use lazypull_benches::{median, mib_per_sec};
+use lazypull_benches::{arg, median, mib_per_sec};
 use lazypull_fs::estargz::{parse_footer, write_estargz, Footer, WriterOptions};
 use lazypull_tests::images::{entry_point_files, realistic_layers};
 use lazypull_tests::{random_bytes, CountingProxy, Digest, ImageSpec, Layer, TestRegistry};
@@ -37,14 +37,6 @@ const ESTARGZ_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const BIG: usize = 256 << 20;
 const SMALL: usize = 3 << 20;
 const SMALL_READS: usize = 50;
-
-/// Value of `--name N` on the command line.
-fn arg(name: &str) -> Option<u64> {
-    std::env::args()
-        .skip_while(|a| a != name)
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-}
 
 fn main() {
     let runs = arg("--runs").unwrap_or(3).max(1) as usize;
