@@ -9,9 +9,9 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{build_tar, estargz_layer, sample_base_layer, sample_top_layer, Lazypull, E};
+use common::{build_tar, push_estargz, sample_base_layer, sample_top_layer, Lazypull, E};
 use lazypull_tests::tree::{apply_layers, describe_tree, diff_trees};
-use lazypull_tests::{random_bytes, CountingProxy, ImageSpec, Layer, TestRegistry};
+use lazypull_tests::{random_bytes, CountingProxy, TestRegistry};
 
 fn read_all_files(root: &Path) -> usize {
     let mut n = 0;
@@ -28,16 +28,7 @@ fn read_all_files(root: &Path) -> usize {
 async fn mounted_image_equals_extracted_layers() {
     let registry = TestRegistry::plain();
     let (base, top) = (sample_base_layer(), sample_top_layer());
-    let (l1, _) = estargz_layer(&base, None);
-    let (l2, _) = estargz_layer(&top, None);
-    registry
-        .pusher()
-        .push_image_with(
-            "lazy/app",
-            "v1",
-            &ImageSpec::new(vec![l1, l2], "linux", "amd64"),
-        )
-        .await;
+    push_estargz(&registry, "lazy/app", &[&base, &top]).await;
 
     let expected_dir = tempfile::tempdir().unwrap();
     apply_layers(&[base, top], expected_dir.path());
@@ -88,15 +79,8 @@ async fn reading_one_small_file_fetches_little_and_fill_makes_it_local() {
         E::File("data/other.bin", 0o644, random_bytes(10 << 20, 8)),
         E::File("hello.txt", 0o644, b"hello, lazily\n".to_vec()),
     ]);
-    let (layer, blob_size) = estargz_layer(&tar, None);
-    registry
-        .pusher()
-        .push_image_with(
-            "lazy/big",
-            "v1",
-            &ImageSpec::new(vec![layer], "linux", "amd64"),
-        )
-        .await;
+    let (_, blobs) = push_estargz(&registry, "lazy/big", &[&tar]).await;
+    let blob_size = blobs[0].len() as u64;
     let proxy = CountingProxy::start(&registry.host());
 
     // Laziness: no background fill, read one small file.
@@ -147,16 +131,8 @@ async fn corrupt_chunk_gives_eio_for_its_file_only() {
         E::File("good.bin", 0o644, good.clone()),
         E::File("victim.bin", 0o644, victim.clone()),
     ]);
-    let (layer, _) = estargz_layer(&tar, None);
-    let blob = layer_bytes(&layer);
-    let pushed = registry
-        .pusher()
-        .push_image_with(
-            "lazy/corrupt",
-            "v1",
-            &ImageSpec::new(vec![layer], "linux", "amd64"),
-        )
-        .await;
+    let (pushed, mut blobs) = push_estargz(&registry, "lazy/corrupt", &[&tar]).await;
+    let blob = blobs.remove(0);
     // Flip a byte inside victim.bin's compressed data (found through our own reader's TOC).
     let toc = lazypull_fs::estargz::open_toc(
         &blob,
@@ -192,10 +168,6 @@ fn libc_eio() -> i32 {
     5
 }
 
-fn layer_bytes(layer: &Layer) -> Vec<u8> {
-    layer.data.clone()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn registry_down_fails_reads_in_bounded_time_then_recovers() {
     let mut registry = TestRegistry::plain();
@@ -207,15 +179,7 @@ async fn registry_down_fails_reads_in_bounded_time_then_recovers() {
         E::File("first.bin", 0o644, first.clone()),
         E::File("second.bin", 0o644, second.clone()),
     ]);
-    let (layer, _) = estargz_layer(&tar, None);
-    registry
-        .pusher()
-        .push_image_with(
-            "lazy/down",
-            "v1",
-            &ImageSpec::new(vec![layer], "linux", "amd64"),
-        )
-        .await;
+    push_estargz(&registry, "lazy/down", &[&tar]).await;
     let mnt = tempfile::tempdir().unwrap();
     let mut lp = Lazypull::new(&["--background-fill", "false", "--fetch-timeout", "3"]);
     let image = format!("{}/lazy/down:v1", registry.host());
@@ -253,15 +217,7 @@ async fn stat_storm_stays_fast_while_a_read_is_stalled() {
         entries.push(E::File(n, 0o644, b"x".to_vec()));
     }
     let tar = build_tar(entries);
-    let (layer, _) = estargz_layer(&tar, None);
-    registry
-        .pusher()
-        .push_image_with(
-            "lazy/stall",
-            "v1",
-            &ImageSpec::new(vec![layer], "linux", "amd64"),
-        )
-        .await;
+    push_estargz(&registry, "lazy/stall", &[&tar]).await;
     let proxy = CountingProxy::start(&registry.host());
     let mnt = tempfile::tempdir().unwrap();
     let mut lp = Lazypull::new(&["--background-fill", "false"]);
@@ -308,12 +264,8 @@ async fn layers_shared_between_images_are_mounted_once() {
     let base = build_tar(vec![E::File("base.txt", 0o644, b"shared base".to_vec())]);
     let top1 = build_tar(vec![E::File("one.txt", 0o644, b"image one".to_vec())]);
     let top2 = build_tar(vec![E::File("two.txt", 0o644, b"image two".to_vec())]);
-    let pusher = registry.pusher();
     for (repo, top) in [("lazy/one", &top1), ("lazy/two", &top2)] {
-        let layers = vec![estargz_layer(&base, None).0, estargz_layer(top, None).0];
-        pusher
-            .push_image_with(repo, "v1", &ImageSpec::new(layers, "linux", "amd64"))
-            .await;
+        push_estargz(&registry, repo, &[&base, top]).await;
     }
     let (m1, m2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut lp = Lazypull::new(&[]);

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use lazypull_fs::estargz::{write_estargz, WriterOptions};
-use lazypull_tests::{random_bytes, Layer};
+use lazypull_tests::{random_bytes, ImageSpec, Layer, PushedImage, TestRegistry};
 
 /// Manifest annotation carrying the TOC digest.
 pub const TOC_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
@@ -113,6 +113,22 @@ pub fn estargz_layer(tar: &[u8], prefetch: Option<Vec<String>>) -> (Layer, u64) 
         .with_diff_id(w.diff_id)
         .with_annotation(TOC_ANNOTATION, &w.toc_digest.to_string());
     (layer, size)
+}
+
+/// Converts `tars` (base first) to eStargz and pushes them as `repo:v1` (linux/amd64);
+/// returns what was pushed and the eStargz blobs.
+pub async fn push_estargz(
+    registry: &TestRegistry,
+    repo: &str,
+    tars: &[&[u8]],
+) -> (PushedImage, Vec<Vec<u8>>) {
+    let layers: Vec<Layer> = tars.iter().map(|t| estargz_layer(t, None).0).collect();
+    let blobs = layers.iter().map(|l| l.data.clone()).collect();
+    let pushed = registry
+        .pusher()
+        .push_image_with(repo, "v1", &ImageSpec::new(layers, "linux", "amd64"))
+        .await;
+    (pushed, blobs)
 }
 
 /// The binary under a private `--root`; stops its mount server and any mount on drop.
