@@ -16,7 +16,7 @@ use std::os::unix::fs::MetadataExt;
 use std::process::Output;
 
 use common::{
-    sample_base_layer, sample_top_layer, Lazypull, BIG, ESTARGZ_MEDIA_TYPE, TOC_ANNOTATION,
+    lazypull, sample_base_layer, sample_top_layer, BIG, ESTARGZ_MEDIA_TYPE, TOC_ANNOTATION,
 };
 use lazypull_fs::estargz::{open_toc, Prefetch, ReaderConfig};
 use lazypull_tests::tree::{apply_layers, describe_tree, diff_trees};
@@ -82,7 +82,7 @@ fn mounts_estargz_converted_by_ctr_remote() {
     ]);
     check("ctr-remote images push", &out, &containerd);
 
-    let mut lp = Lazypull::new(&["--background-fill", "false", "--insecure-registry", &host]);
+    let mut lp = lazypull(&["--background-fill", "false", "--insecure-registry", &host]);
 
     // The converted manifest: gzip layers, new blobs, each with a TOC digest annotation.
     let out = lp.cmd(&["inspect", &esgz_ref, "--platform", "linux/amd64"]);

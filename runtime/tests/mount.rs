@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{build_tar, push_estargz, sample_base_layer, sample_top_layer, Lazypull, E};
+use common::{build_tar, lazypull, push_estargz, sample_base_layer, sample_top_layer, E};
 use lazypull_tests::tree::{apply_layers, describe_tree, diff_trees};
 use lazypull_tests::{random_bytes, CountingProxy, TestRegistry};
 
@@ -35,7 +35,7 @@ async fn mounted_image_equals_extracted_layers() {
     let expected = describe_tree(expected_dir.path());
 
     let mnt = tempfile::tempdir().unwrap();
-    let mut lp = Lazypull::new(&["--background-fill", "false"]);
+    let mut lp = lazypull(&["--background-fill", "false"]);
     let image = format!("{}/lazy/app:v1", registry.host());
     tokio::task::block_in_place(|| lp.mount(&image, mnt.path()));
     let actual = tokio::task::block_in_place(|| describe_tree(mnt.path()));
@@ -53,20 +53,17 @@ async fn mounted_image_equals_extracted_layers() {
     assert_eq!(a.ino(), b.ino());
     assert_eq!(a.nlink(), 2);
 
-    tokio::task::block_in_place(|| lp.umount(mnt.path()));
-    // The server exits with its last mount, leaving no mounts behind.
-    let start = Instant::now();
-    while lp.server_running() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    tokio::task::block_in_place(|| {
+        lp.umount(mnt.path());
+        // The image stays pulled (its layers mounted) until `rmi`; the daemon's shutdown
+        // leaves no mount behind.
+        assert_eq!(layer_mounts(lp.root.path()), 2);
+        assert!(lp.shutdown(), "daemon did not stop:\n{}", lp.log());
+    });
     assert!(
-        !lp.server_running(),
-        "mount server still running after the last umount"
-    );
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(
-        !mounts.contains(lp.root.path().to_str().unwrap()),
-        "layer mounts left behind"
+        lp.mounts_under_root().is_empty(),
+        "mounts left behind: {:?}",
+        lp.mounts_under_root()
     );
 }
 
@@ -85,7 +82,7 @@ async fn reading_one_small_file_fetches_little_and_fill_makes_it_local() {
 
     // Laziness: no background fill, read one small file.
     let mnt = tempfile::tempdir().unwrap();
-    let mut lp = Lazypull::new(&["--background-fill", "false"]);
+    let mut lp = lazypull(&["--background-fill", "false"]);
     let image = format!("{}/lazy/big:v1", proxy.host());
     tokio::task::block_in_place(|| lp.mount(&image, mnt.path()));
     let hello = std::fs::read(mnt.path().join("hello.txt")).unwrap();
@@ -100,7 +97,7 @@ async fn reading_one_small_file_fetches_little_and_fill_makes_it_local() {
 
     // Background fill: the layer becomes complete, then reads work with the registry gone.
     let mnt = tempfile::tempdir().unwrap();
-    let mut lp = Lazypull::new(&[]);
+    let mut lp = lazypull(&[]);
     tokio::task::block_in_place(|| {
         lp.mount(&image, mnt.path());
         lp.wait_complete(Duration::from_secs(60));
@@ -151,7 +148,7 @@ async fn corrupt_chunk_gives_eio_for_its_file_only() {
     std::fs::write(&path, &stored).unwrap();
 
     let mnt = tempfile::tempdir().unwrap();
-    let mut lp = Lazypull::new(&["--background-fill", "false"]);
+    let mut lp = lazypull(&["--background-fill", "false"]);
     let image = format!("{}/lazy/corrupt:v1", registry.host());
     tokio::task::block_in_place(|| lp.mount(&image, mnt.path()));
     let err = std::fs::read(mnt.path().join("victim.bin")).unwrap_err();
@@ -181,7 +178,7 @@ async fn registry_down_fails_reads_in_bounded_time_then_recovers() {
     ]);
     push_estargz(&registry, "lazy/down", &[&tar]).await;
     let mnt = tempfile::tempdir().unwrap();
-    let mut lp = Lazypull::new(&["--background-fill", "false", "--fetch-timeout", "3"]);
+    let mut lp = lazypull(&["--background-fill", "false", "--fetch-timeout", "3"]);
     let image = format!("{}/lazy/down:v1", registry.host());
     tokio::task::block_in_place(|| lp.mount(&image, mnt.path()));
     assert_eq!(std::fs::read(mnt.path().join("first.bin")).unwrap(), first);
@@ -220,7 +217,7 @@ async fn stat_storm_stays_fast_while_a_read_is_stalled() {
     push_estargz(&registry, "lazy/stall", &[&tar]).await;
     let proxy = CountingProxy::start(&registry.host());
     let mnt = tempfile::tempdir().unwrap();
-    let mut lp = Lazypull::new(&["--background-fill", "false"]);
+    let mut lp = lazypull(&["--background-fill", "false"]);
     let image = format!("{}/lazy/stall:v1", proxy.host());
     tokio::task::block_in_place(|| lp.mount(&image, mnt.path()));
 
@@ -268,7 +265,7 @@ async fn layers_shared_between_images_are_mounted_once() {
         push_estargz(&registry, repo, &[&base, top]).await;
     }
     let (m1, m2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut lp = Lazypull::new(&[]);
+    let mut lp = lazypull(&[]);
     let root = lp.root.path().to_path_buf();
     tokio::task::block_in_place(|| {
         lp.mount(&format!("{}/lazy/one:v1", registry.host()), m1.path());
@@ -289,7 +286,12 @@ async fn layers_shared_between_images_are_mounted_once() {
     );
     assert!(!m1.path().join("two.txt").exists());
 
-    tokio::task::block_in_place(|| lp.umount(m1.path()));
+    tokio::task::block_in_place(|| {
+        lp.umount(m1.path());
+        assert_eq!(layer_mounts(&root), 3, "umount keeps the image pulled");
+        let out = lp.ok(&["rmi", &format!("{}/lazy/one:v1", registry.host())]);
+        assert!(out.contains("Untagged"), "{out}");
+    });
     assert_eq!(
         layer_mounts(&root),
         2,
@@ -299,10 +301,9 @@ async fn layers_shared_between_images_are_mounted_once() {
         std::fs::read(m2.path().join("base.txt")).unwrap(),
         b"shared base"
     );
-    tokio::task::block_in_place(|| lp.umount(m2.path()));
-    let start = Instant::now();
-    while lp.server_running() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    tokio::task::block_in_place(|| {
+        lp.umount(m2.path());
+        lp.ok(&["rmi", &format!("{}/lazy/two:v1", registry.host())]);
+    });
     assert_eq!(layer_mounts(&root), 0);
 }

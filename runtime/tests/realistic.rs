@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Lazypull, ESTARGZ_MEDIA_TYPE, TOC_ANNOTATION};
+use common::{lazypull, Lazypull, ESTARGZ_MEDIA_TYPE, TOC_ANNOTATION};
 use lazypull_fs::estargz::{write_estargz, WriterOptions};
 use lazypull_tests::images::realistic_layers;
 use lazypull_tests::tree::{apply_layers, describe_tree, diff_trees};
@@ -74,7 +74,7 @@ impl Mounted {
     fn stop(&mut self) {
         let Some(lp) = self.lp.take() else { return };
         let _ = lp.cmd(&["umount", &self.dir.display().to_string()]);
-        lp.wait_server_exit(Duration::from_secs(20));
+        lp.shutdown();
         drop(lp);
     }
 }
@@ -141,7 +141,7 @@ async fn realistic_image_is_lazy_and_complete_mount_equals_extraction() {
 
     // (b) Laziness first, on a cold cache with no background fill.
     let mnt = tempfile::tempdir().unwrap();
-    let mut lp = Lazypull::new(&["--background-fill", "false"]);
+    let mut lp = lazypull(&["--background-fill", "false"]);
     let small = "etc/os-release";
     tokio::task::block_in_place(|| lp.mount(&image, mnt.path()));
     let lazy = Mounted::new(lp, mnt.path());
@@ -171,7 +171,7 @@ async fn realistic_image_is_lazy_and_complete_mount_equals_extraction() {
 
     // (a) Correctness: a second mount (own root and cache), filled completely, then compared.
     let mnt = tempfile::tempdir().unwrap();
-    let mut lp = Lazypull::new(&[]);
+    let mut lp = lazypull(&[]);
     let image = format!("{}/lazy/realistic:v1", registry.host());
     let fill = Instant::now();
     tokio::task::block_in_place(|| lp.mount(&image, mnt.path()));

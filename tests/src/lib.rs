@@ -14,6 +14,7 @@
 //! Everything here may panic with a descriptive message on failure: it is test code.
 
 pub mod containerd;
+pub mod driver;
 pub mod images;
 pub mod proxy;
 pub mod push;
@@ -24,6 +25,7 @@ pub mod tree;
 pub mod util;
 
 pub use containerd::TestContainerd;
+pub use driver::Lazypull;
 pub use lazypull_fetcher::Digest;
 pub use proxy::{BodyOutcome, CountingProxy, RecordedRequest};
 pub use push::{

@@ -3,10 +3,6 @@
 //! itself (mounts and the mount server), also when a test fails.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
-
 use lazypull_fs::estargz::{write_estargz, WriterOptions};
 use lazypull_tests::{random_bytes, ImageSpec, Layer, PushedImage, TestRegistry};
 
@@ -131,118 +127,11 @@ pub async fn push_estargz(
     (pushed, blobs)
 }
 
-/// The binary under a private `--root`; stops its mount server and any mount on drop.
-pub struct Lazypull {
-    pub root: tempfile::TempDir,
-    extra: Vec<String>,
-    mounted: Vec<PathBuf>,
-}
+pub use lazypull_tests::Lazypull;
 
-impl Lazypull {
-    pub fn new(extra: &[&str]) -> Lazypull {
-        Lazypull {
-            root: tempfile::tempdir().unwrap(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            mounted: Vec::new(),
-        }
-    }
-
-    pub fn cmd(&self, args: &[&str]) -> Output {
-        let hosts = self.root.path().join("no-hosts");
-        Command::new(env!("CARGO_BIN_EXE_lazypull"))
-            .arg("--root")
-            .arg(self.root.path())
-            .arg("--hosts-dir")
-            .arg(&hosts)
-            .args(&self.extra)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .output()
-            .unwrap()
-    }
-
-    pub fn mount(&mut self, image: &str, dir: &Path) {
-        let out = self.cmd(&["mount", image, dir.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "mount failed: {}\nserver log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        self.mounted.push(dir.to_path_buf());
-    }
-
-    pub fn umount(&mut self, dir: &Path) {
-        let out = self.cmd(&["umount", dir.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "umount failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        self.mounted.retain(|d| d != dir);
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.root.path().join("mount-server.log")).unwrap_or_default()
-    }
-
-    pub fn wait_complete(&self, timeout: Duration) {
-        let start = Instant::now();
-        loop {
-            let out = self.cmd(&["mounts"]);
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            if text.contains("\tcomplete") {
-                return;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "layers not complete: {text}\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    pub fn server_running(&self) -> bool {
-        std::os::unix::net::UnixStream::connect(self.root.path().join("mount.sock")).is_ok()
-    }
-
-    /// Waits (up to `timeout`) until the mount server process has exited, not just closed its
-    /// socket: it may still finish background work (and write into the root) for a moment.
-    pub fn wait_server_exit(&self, timeout: Duration) -> bool {
-        let start = Instant::now();
-        while server_pid(self.root.path()).is_some() {
-            if start.elapsed() > timeout {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        true
-    }
-}
-
-impl Drop for Lazypull {
-    fn drop(&mut self) {
-        for d in self.mounted.clone() {
-            let _ = self.cmd(&["umount", d.to_str().unwrap()]);
-        }
-        // Whatever is still mounted under the root or the test dirs goes, lazily.
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let root = self.root.path().to_string_lossy().into_owned();
-        for line in mounts.lines() {
-            if let Some(mp) = line.split_whitespace().nth(4) {
-                if mp.starts_with(&root) || self.mounted.iter().any(|d| d.to_str() == Some(mp)) {
-                    let _ = Command::new("umount").arg("-l").arg(mp).status();
-                }
-            }
-        }
-        if !self.wait_server_exit(Duration::from_secs(20)) {
-            if let Some(pid) = server_pid(self.root.path()) {
-                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-                self.wait_server_exit(Duration::from_secs(5));
-            }
-        }
-    }
+/// The `lazypull` binary under test, with its own root, socket and daemon.
+pub fn lazypull(extra: &[&str]) -> Lazypull {
+    Lazypull::new(env!("CARGO_BIN_EXE_lazypull"), extra)
 }
 
 /// Size of the sample file that spans several chunks (more than 16 MiB, four of the
@@ -310,15 +199,57 @@ pub fn sample_top_layer() -> Vec<u8> {
     ])
 }
 
-/// PID of the mount server of `root`, from `/proc/*/cmdline`.
-pub fn server_pid(root: &Path) -> Option<u32> {
-    let root = root.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        (args.contains(&&b"mount-server"[..]) && args.contains(&root.as_bytes()))
-            .then_some(pid)
-            .filter(|pid| lazypull_tests::pid_alive(*pid))
+/// Busybox applets the runnable test images link to `/bin/busybox`.
+const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "id", "pwd", "sleep", "wc", "sha256sum", "kill", "true", "env", "ls",
+    "head", "xargs", "hostname",
+];
+
+/// A layer that makes an image runnable: the host's static busybox (Debian's busybox-static)
+/// with its applets, users `root` and `app` (1000:1000), and `/entry.sh`, which reads every
+/// file listed in `/entry.list` and prints `entry: N files` and the SHA-256 of the last one.
+pub fn busybox_layer(entry_files: &[String]) -> Vec<u8> {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("/bin/busybox is missing: apt-get install busybox-static");
+    let mut entries = vec![
+        E::Dir("bin", 0o755),
+        E::File("bin/busybox", 0o755, busybox),
+        E::Dir("etc", 0o755),
+        E::File(
+            "etc/passwd",
+            0o644,
+            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n".to_vec(),
+        ),
+        E::File("etc/group", 0o644, b"root:x:0:\napp:x:1000:\n".to_vec()),
+        E::Dir("tmp", 0o1777),
+        E::Dir("proc", 0o555),
+        E::Dir("sys", 0o555),
+        E::Dir("dev", 0o755),
+        E::Dir("data", 0o755),
+        E::File(
+            "entry.sh",
+            0o755,
+            b"n=0; last=\nwhile read -r f; do cat \"/$f\" >/dev/null || exit 9; n=$((n+1)); last=$f; done < /entry.list\necho \"entry: $n files\"\nsha256sum \"/$last\"\n"
+                .to_vec(),
+        ),
+        E::File("entry.list", 0o644, {
+            let mut s = entry_files.join("\n");
+            s.push('\n');
+            s.into_bytes()
+        }),
+    ];
+    for a in APPLETS {
+        let path: &'static str = Box::leak(format!("bin/{a}").into_boxed_str());
+        entries.push(E::Symlink(path, "busybox"));
+    }
+    build_tar(entries)
+}
+
+/// The image config of a runnable test image: `sh /entry.sh`, a PATH and an env var.
+pub fn runnable_config() -> serde_json::Value {
+    serde_json::json!({
+        "Env": ["PATH=/bin", "IMAGE_VAR=from-image"],
+        "Cmd": ["/bin/sh", "/entry.sh"],
+        "WorkingDir": "/",
     })
 }

@@ -1,0 +1,248 @@
+//! Layer mounts, shared by every image that has the layer and counted by reference: one FUSE
+//! mount per layer at `<root>/layers/<hex>`, prefetched and filled in the background.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use lazypull_fetcher::{Digest, Reference};
+use lazypull_fs::chunks::{LayerSource, SourceConfig};
+use lazypull_fs::estargz::{Prefetch, ReaderConfig};
+use lazypull_fs::fuse::{LayerMount, MountOptions};
+use lazypull_fs::open::{open_estargz, LayerDescriptor};
+
+use super::store::LayerRecord;
+use super::{Events, Shared, State};
+
+/// One mounted layer.
+pub struct LayerEntry {
+    mount: Option<LayerMount>,
+    /// Its content.
+    pub source: LayerSource,
+    /// Its mount point.
+    pub dir: PathBuf,
+    /// Images holding it.
+    refs: usize,
+    fill: tokio::task::JoinHandle<()>,
+    /// Served from a local copy (the layer had no TOC), so always complete.
+    pub local: bool,
+}
+
+fn descriptor(l: &LayerRecord) -> Result<LayerDescriptor> {
+    Ok(LayerDescriptor {
+        digest: l.digest.parse()?,
+        size: l.size,
+        media_type: l.media_type.clone(),
+        annotations: l.annotations.clone(),
+    })
+}
+
+/// Takes a reference on each layer, mounting those not mounted yet; the TOCs of the new ones
+/// are fetched in parallel. On failure every reference taken is given back. Returns a
+/// one-phrase summary ("3 lazy, 1 fetched whole").
+pub async fn acquire_all(
+    state: &Shared,
+    reference: &Reference,
+    layers: &[LayerRecord],
+    events: &Events,
+) -> Result<String> {
+    let descs: Vec<LayerDescriptor> = layers.iter().map(descriptor).collect::<Result<_>>()?;
+    let (engine, cache, root, settings) = {
+        let st = state.lock().await;
+        (
+            st.engine.clone(),
+            st.cache.clone(),
+            st.settings.root.clone(),
+            st.settings.clone(),
+        )
+    };
+    let missing: Vec<&LayerDescriptor> = {
+        let st = state.lock().await;
+        let mut seen = std::collections::HashSet::new();
+        descs
+            .iter()
+            .filter(|d| !st.layers.contains_key(&d.digest) && seen.insert(d.digest))
+            .collect()
+    };
+    let source_config = SourceConfig {
+        fill_rate: (settings.fill_rate > 0).then_some(settings.fill_rate << 20),
+        ..SourceConfig::default()
+    };
+    let opened = futures::future::join_all(missing.iter().map(|d| {
+        let (engine, cache, reference, source_config) = (
+            engine.clone(),
+            cache.clone(),
+            reference.clone(),
+            source_config.clone(),
+        );
+        async move {
+            open_estargz(
+                &engine,
+                &cache,
+                &reference,
+                d,
+                &ReaderConfig::default(),
+                source_config,
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "layer {} ({}) cannot be mounted: it has no eStargz TOC",
+                    d.digest, d.media_type
+                )
+            })
+        }
+    }))
+    .await;
+    let mut new_entries = Vec::new();
+    let mut failure = None;
+    for (desc, opened) in missing.iter().zip(opened) {
+        let opened = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                failure.get_or_insert(e);
+                continue;
+            }
+        };
+        let dir = root.join("layers").join(desc.digest.hex());
+        let mounted = std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating {}", dir.display()))
+            .and_then(|()| {
+                let _ = lazypull_fs::fuse::unmount_stale(&dir);
+                LayerMount::mount(
+                    opened.source.layer().clone(),
+                    Arc::new(opened.source.clone()),
+                    &dir,
+                    MountOptions {
+                        fsname: format!("lazypull:{}", desc.digest),
+                        ..MountOptions::default()
+                    },
+                )
+                .with_context(|| format!("mounting layer {} at {}", desc.digest, dir.display()))
+            });
+        match mounted {
+            Ok(mount) => {
+                let _ = events.send(format!(
+                    "{}: mounted lazily ({} entries)",
+                    short(&desc.digest),
+                    opened.source.layer().len()
+                ));
+                let fill = spawn_fill(
+                    opened.source.clone(),
+                    if settings.prefetch {
+                        opened.prefetch
+                    } else {
+                        Prefetch::None
+                    },
+                    settings.background_fill,
+                );
+                new_entries.push((
+                    desc.digest,
+                    LayerEntry {
+                        mount: Some(mount),
+                        source: opened.source,
+                        dir,
+                        refs: 0,
+                        fill,
+                        local: false,
+                    },
+                ));
+            }
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    let mut st = state.lock().await;
+    for (d, e) in new_entries {
+        st.layers.insert(d, e);
+    }
+    if let Some(e) = failure {
+        // Layers mounted for this image alone go again.
+        let orphans: Vec<Digest> = st
+            .layers
+            .iter()
+            .filter(|(_, l)| l.refs == 0)
+            .map(|(d, _)| *d)
+            .collect();
+        for d in orphans {
+            drop_layer(&mut st, &d);
+        }
+        return Err(e);
+    }
+    for d in &descs {
+        if let Some(l) = st.layers.get_mut(&d.digest) {
+            l.refs += 1;
+        }
+    }
+    let local = descs
+        .iter()
+        .filter(|d| st.layers.get(&d.digest).is_some_and(|l| l.local))
+        .count();
+    Ok(if local == 0 {
+        format!("{} lazy", descs.len())
+    } else {
+        format!("{} lazy, {local} fetched whole", descs.len() - local)
+    })
+}
+
+fn spawn_fill(
+    source: LayerSource,
+    prefetch: Prefetch,
+    background_fill: bool,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let digest = source.digest();
+        if let Prefetch::Until { blob_offset } = prefetch {
+            if let Err(e) = source.prefetch(blob_offset).await {
+                tracing::warn!(layer = %digest, error = %e, "prefetch incomplete");
+            }
+        }
+        if !background_fill {
+            return;
+        }
+        match source.fill().await {
+            Ok(()) => tracing::info!(layer = %digest, "layer fully cached"),
+            Err(e) => tracing::warn!(layer = %digest, error = %e, "background fill incomplete"),
+        }
+    })
+}
+
+/// Gives back one reference on each layer; unmounts those nobody holds.
+pub fn release_all(st: &mut State, layers: &[LayerRecord]) {
+    for l in layers {
+        let Ok(d) = l.digest.parse::<Digest>() else {
+            continue;
+        };
+        let gone = match st.layers.get_mut(&d) {
+            Some(e) => {
+                e.refs = e.refs.saturating_sub(1);
+                e.refs == 0
+            }
+            None => false,
+        };
+        if gone {
+            drop_layer(st, &d);
+        }
+    }
+}
+
+/// Unmounts a layer regardless of references (shutdown, failed pulls).
+pub fn drop_layer(st: &mut State, digest: &Digest) {
+    if let Some(mut l) = st.layers.remove(digest) {
+        l.fill.abort();
+        if let Some(m) = l.mount.take() {
+            if let Err(e) = m.unmount() {
+                tracing::warn!(layer = %digest, error = %e, "unmounting layer");
+            }
+        }
+        let _ = std::fs::remove_dir(&l.dir);
+        tracing::debug!(layer = %digest, "layer unmounted");
+    }
+}
+
+/// `sha256:0123456789ab`.
+pub fn short(d: &Digest) -> String {
+    let s = d.to_string();
+    s.chars().take(19).collect()
+}
