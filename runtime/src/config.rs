@@ -131,7 +131,7 @@ pub struct SettingsArgs {
     pub root: Option<PathBuf>,
 
     /// The daemon's unix socket [default: /run/lazypull/lazypull.sock].
-    #[arg(short = 'a', long, global = true, value_name = "SOCKET")]
+    #[arg(long, global = true, value_name = "SOCKET")]
     pub address: Option<PathBuf>,
 
     /// Directories holding containerd-style `<host>/hosts.toml` files (mirrors, CAs, plain

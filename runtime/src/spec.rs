@@ -248,7 +248,7 @@ pub struct RunOptions {
     pub volumes: Vec<String>,
     /// `-w`: absolute working directory; overrides the image's WorkingDir.
     pub workdir: Option<String>,
-    /// `-u USER[:GROUP]` (names or numbers); overrides the image's User.
+    /// `-u USER[:GROUP]` (names or numbers); overrides the image's User (empty keeps it).
     pub user: Option<String>,
     /// `--net`.
     pub net: NetMode,
@@ -2123,11 +2123,16 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        (
-            status.code(),
+        let (out, err) = (
             fs::read_to_string(&out_path).unwrap(),
             fs::read_to_string(&err_path).unwrap(),
-        )
+        );
+        eprintln!(
+            "{RUNC} --root {} run --bundle {} {id}: {status}, stdout {out:?}, stderr {err:?}",
+            state.display(),
+            bundle.display()
+        );
+        (status.code(), out, err)
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod images;
 pub mod proxy;
 pub mod push;
 pub mod registry;
+pub mod runnable;
 mod server;
 pub mod token;
 pub mod tree;

@@ -648,3 +648,35 @@ pub fn require_root() -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_takes_everything_after_the_image_as_the_command() {
+        let cli = Cli::try_parse_from([
+            "lazypull",
+            "run",
+            "--rm",
+            "-e",
+            "A=1",
+            "img",
+            "sh",
+            "-c",
+            "echo --rm -e",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.image(), "img");
+        assert_eq!(a.command(), ["sh", "-c", "echo --rm -e"]);
+    }
+}

@@ -337,3 +337,14 @@ async fn supervise(
         _ => 125,
     })
 }
+
+#[cfg(test)]
+impl RunArgs {
+    pub(crate) fn image(&self) -> &str {
+        &self.image
+    }
+
+    pub(crate) fn command(&self) -> &[String] {
+        &self.command
+    }
+}

@@ -9,7 +9,7 @@ use lazypull_fetcher::{Digest, Reference};
 use lazypull_fs::chunks::{LayerSource, SourceConfig};
 use lazypull_fs::estargz::{Prefetch, ReaderConfig};
 use lazypull_fs::fuse::{LayerMount, MountOptions};
-use lazypull_fs::open::{open_estargz, LayerDescriptor};
+use lazypull_fs::open::{open_layer, LayerDescriptor, Served};
 
 use super::store::LayerRecord;
 use super::{Events, Shared, State};
@@ -75,22 +75,19 @@ pub async fn acquire_all(
             reference.clone(),
             source_config.clone(),
         );
+        let local_dir = root.join("local");
         async move {
-            open_estargz(
+            open_layer(
                 &engine,
                 &cache,
                 &reference,
                 d,
                 &ReaderConfig::default(),
                 source_config,
+                &local_dir,
             )
             .await
-            .with_context(|| {
-                format!(
-                    "layer {} ({}) cannot be mounted: it has no eStargz TOC",
-                    d.digest, d.media_type
-                )
-            })
+            .with_context(|| format!("layer {} ({})", d.digest, d.media_type))
         }
     }))
     .await;
@@ -122,19 +119,36 @@ pub async fn acquire_all(
             });
         match mounted {
             Ok(mount) => {
-                let _ = events.send(format!(
-                    "{}: mounted lazily ({} entries)",
-                    short(&desc.digest),
-                    opened.source.layer().len()
-                ));
+                let local = match &opened.served {
+                    Served::Lazy => {
+                        let _ = events.send(format!(
+                            "{}: mounted lazily ({} entries)",
+                            short(&desc.digest),
+                            opened.source.layer().len()
+                        ));
+                        false
+                    }
+                    Served::Local { reason, .. } => {
+                        tracing::warn!(
+                            layer = %desc.digest,
+                            image = %reference,
+                            reason = %reason,
+                            "layer fetched whole, not lazily"
+                        );
+                        let _ = events
+                            .send(format!("{}: fetched whole ({reason})", short(&desc.digest)));
+                        true
+                    }
+                };
+                // A local copy is read from disk: nothing to prefetch or fill.
                 let fill = spawn_fill(
                     opened.source.clone(),
-                    if settings.prefetch {
+                    if settings.prefetch && !local {
                         opened.prefetch
                     } else {
                         Prefetch::None
                     },
-                    settings.background_fill,
+                    settings.background_fill && !local,
                 );
                 new_entries.push((
                     desc.digest,
@@ -144,7 +158,7 @@ pub async fn acquire_all(
                         dir,
                         refs: 0,
                         fill,
-                        local: false,
+                        local,
                     },
                 ));
             }

@@ -199,57 +199,5 @@ pub fn sample_top_layer() -> Vec<u8> {
     ])
 }
 
-/// Busybox applets the runnable test images link to `/bin/busybox`.
-const APPLETS: &[&str] = &[
-    "sh", "echo", "cat", "id", "pwd", "sleep", "wc", "sha256sum", "kill", "true", "env", "ls",
-    "head", "xargs", "hostname",
-];
-
-/// A layer that makes an image runnable: the host's static busybox (Debian's busybox-static)
-/// with its applets, users `root` and `app` (1000:1000), and `/entry.sh`, which reads every
-/// file listed in `/entry.list` and prints `entry: N files` and the SHA-256 of the last one.
-pub fn busybox_layer(entry_files: &[String]) -> Vec<u8> {
-    let busybox = std::fs::read("/bin/busybox")
-        .expect("/bin/busybox is missing: apt-get install busybox-static");
-    let mut entries = vec![
-        E::Dir("bin", 0o755),
-        E::File("bin/busybox", 0o755, busybox),
-        E::Dir("etc", 0o755),
-        E::File(
-            "etc/passwd",
-            0o644,
-            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n".to_vec(),
-        ),
-        E::File("etc/group", 0o644, b"root:x:0:\napp:x:1000:\n".to_vec()),
-        E::Dir("tmp", 0o1777),
-        E::Dir("proc", 0o555),
-        E::Dir("sys", 0o555),
-        E::Dir("dev", 0o755),
-        E::Dir("data", 0o755),
-        E::File(
-            "entry.sh",
-            0o755,
-            b"n=0; last=\nwhile read -r f; do cat \"/$f\" >/dev/null || exit 9; n=$((n+1)); last=$f; done < /entry.list\necho \"entry: $n files\"\nsha256sum \"/$last\"\n"
-                .to_vec(),
-        ),
-        E::File("entry.list", 0o644, {
-            let mut s = entry_files.join("\n");
-            s.push('\n');
-            s.into_bytes()
-        }),
-    ];
-    for a in APPLETS {
-        let path: &'static str = Box::leak(format!("bin/{a}").into_boxed_str());
-        entries.push(E::Symlink(path, "busybox"));
-    }
-    build_tar(entries)
-}
-
-/// The image config of a runnable test image: `sh /entry.sh`, a PATH and an env var.
-pub fn runnable_config() -> serde_json::Value {
-    serde_json::json!({
-        "Env": ["PATH=/bin", "IMAGE_VAR=from-image"],
-        "Cmd": ["/bin/sh", "/entry.sh"],
-        "WorkingDir": "/",
-    })
-}
+#[allow(unused_imports)]
+pub use lazypull_tests::runnable::{busybox_layer, runnable_config};
