@@ -13,8 +13,15 @@
 //!
 //! Batching needs no timer: the first reader of a batch becomes its dispatcher and yields once
 //! before sending, so every read issued in the same scheduling round joins the batch.
+//!
+//! A [`BlobReader`] can also read a blob kept in a local file ([`BlobReader::local`]): layers
+//! that cannot be read lazily are fetched whole, converted and then served through the same
+//! chunk path, so the layer code above does not care where the bytes come from.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -114,12 +121,38 @@ pub struct FetchEngine {
     inner: Arc<EngineInner>,
 }
 
-/// Ranged reads of one blob through the engine. Readers of the same blob (same registry,
-/// repository and digest) share queue and flights, however they were obtained.
+/// Ranged reads of one blob, either from a registry through the engine or from a local file.
+///
+/// Remote readers of the same blob (same registry, repository and digest) share queue and
+/// flights, however they were obtained. Local readers ([`BlobReader::local`]) do positional
+/// reads of their file on the blocking pool; no scheduling is needed for a disk.
 #[derive(Debug, Clone)]
 pub struct BlobReader {
+    source: Source,
+}
+
+/// Where a [`BlobReader`]'s bytes come from.
+#[derive(Debug, Clone)]
+enum Source {
+    Remote(RemoteBlob),
+    Local(Arc<LocalBlob>),
+}
+
+/// A registry blob read through the engine.
+#[derive(Debug, Clone)]
+struct RemoteBlob {
     engine: Arc<EngineInner>,
     state: Arc<BlobState>,
+}
+
+/// A blob in a local file, opened once (so a later rename or unlink of the path does not
+/// change what is read).
+#[derive(Debug)]
+struct LocalBlob {
+    file: File,
+    path: PathBuf,
+    digest: Digest,
+    size: u64,
 }
 
 impl FetchEngine {
@@ -151,8 +184,10 @@ impl FetchEngine {
         let mut blobs = self.inner.blobs.lock();
         if let Some(state) = blobs.get(&key).and_then(Weak::upgrade) {
             return BlobReader {
-                engine: self.inner.clone(),
-                state,
+                source: Source::Remote(RemoteBlob {
+                    engine: self.inner.clone(),
+                    state,
+                }),
             };
         }
         blobs.retain(|_, w| w.strong_count() > 0);
@@ -164,8 +199,10 @@ impl FetchEngine {
         });
         blobs.insert(key, Arc::downgrade(&state));
         BlobReader {
-            engine: self.inner.clone(),
-            state,
+            source: Source::Remote(RemoteBlob {
+                engine: self.inner.clone(),
+                state,
+            }),
         }
     }
 }
@@ -173,7 +210,7 @@ impl FetchEngine {
 /// Gives the dispatching role back if a dispatcher is cancelled before sending its batch, so
 /// queued readers are never stranded.
 struct DispatchGuard {
-    reader: Option<BlobReader>,
+    reader: Option<RemoteBlob>,
 }
 
 impl Drop for DispatchGuard {
@@ -189,18 +226,108 @@ impl Drop for DispatchGuard {
 }
 
 impl BlobReader {
+    /// A reader of the blob kept in the local file `path`, named `digest` in logs and errors
+    /// (for a layer converted locally, the registry layer it was made from). The size is the
+    /// file's size at open; the file is kept open, so replacing the path later does not
+    /// change what this reader sees. Reads are not verified here, exactly as for remote
+    /// blobs: the caller checks chunk digests.
+    pub fn local(path: &Path, digest: Digest) -> std::io::Result<BlobReader> {
+        let file = File::open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", path.display()),
+            ));
+        }
+        Ok(BlobReader {
+            source: Source::Local(Arc::new(LocalBlob {
+                file,
+                path: path.to_path_buf(),
+                digest,
+                size: meta.len(),
+            })),
+        })
+    }
+
     /// The blob's digest.
     pub fn digest(&self) -> Digest {
-        self.state.digest
+        match &self.source {
+            Source::Remote(r) => r.state.digest,
+            Source::Local(l) => l.digest,
+        }
     }
 
-    /// The blob's size if it was given.
+    /// The blob's size if it is known (given by the manifest, or the local file's size).
     pub fn size(&self) -> Option<u64> {
-        self.state.size
+        match &self.source {
+            Source::Remote(r) => r.state.size,
+            Source::Local(l) => Some(l.size),
+        }
     }
 
-    /// Reads `len` bytes at `offset` (unverified: the caller checks chunk digests).
+    /// The local file this reader reads, or `None` for a registry blob (lets callers tell a
+    /// layer that no longer needs the network).
+    pub fn local_path(&self) -> Option<&Path> {
+        match &self.source {
+            Source::Remote(_) => None,
+            Source::Local(l) => Some(&l.path),
+        }
+    }
+
+    /// Reads `len` bytes at `offset` (unverified: the caller checks chunk digests). A range
+    /// that does not fit in the blob fails with [`Error::OutOfRange`]; `priority` orders
+    /// registry requests and is irrelevant for local files.
     pub async fn read_at(&self, offset: u64, len: u64, priority: Priority) -> Result<Bytes, Error> {
+        match &self.source {
+            Source::Remote(r) => r.read_at(offset, len, priority).await,
+            Source::Local(l) => l.clone().read_at(offset, len).await,
+        }
+    }
+}
+
+impl LocalBlob {
+    async fn read_at(self: Arc<Self>, offset: u64, len: u64) -> Result<Bytes, Error> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let out_of_range = || Error::OutOfRange {
+            digest: self.digest,
+            offset,
+            len,
+            size: self.size,
+        };
+        let end = offset.checked_add(len).ok_or_else(out_of_range)?;
+        if end > self.size {
+            return Err(out_of_range());
+        }
+        let n = usize::try_from(len).map_err(|_| out_of_range())?;
+        let this = self.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; n];
+            this.file.read_exact_at(&mut buf, offset).map(|()| buf)
+        })
+        .await;
+        let local_err = |detail: String| Error::LocalRead {
+            digest: Box::new(self.digest),
+            path: self.path.display().to_string(),
+            offset,
+            len,
+            detail,
+        };
+        match joined {
+            Ok(Ok(buf)) => Ok(Bytes::from(buf)),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(local_err(
+                "the file is shorter than when it was opened (truncated?)".into(),
+            )),
+            Ok(Err(e)) => Err(local_err(e.to_string())),
+            Err(e) => Err(local_err(format!("read task failed: {e}"))),
+        }
+    }
+}
+
+impl RemoteBlob {
+    async fn read_at(&self, offset: u64, len: u64, priority: Priority) -> Result<Bytes, Error> {
         if len == 0 {
             return Ok(Bytes::new());
         }
@@ -392,4 +519,146 @@ fn unreachable_none() -> Result<Bytes, Error> {
         what: "blob read".into(),
         detail: "internal: empty fetch result".into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local_blob(data: &[u8]) -> (tempfile::TempDir, PathBuf, BlobReader) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, data).unwrap();
+        let reader = BlobReader::local(&path, Digest::sha256_of(data)).unwrap();
+        (dir, path, reader)
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn local_reads_ranges_and_reports_digest_size_and_path() {
+        let data = pattern(100_000);
+        let (_dir, path, r) = local_blob(&data);
+        assert_eq!(r.digest(), Digest::sha256_of(&data));
+        assert_eq!(r.size(), Some(100_000));
+        assert_eq!(r.local_path(), Some(path.as_path()));
+        for (off, len) in [
+            (0u64, 1u64),
+            (0, 100_000),
+            (99_999, 1),
+            (12_345, 54_321),
+            (50, 0),
+        ] {
+            let got = r.read_at(off, len, Priority::OnDemand).await.unwrap();
+            assert_eq!(
+                &got[..],
+                &data[off as usize..(off + len) as usize],
+                "{off}+{len}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn local_out_of_range_reads_fail_like_remote_ones() {
+        let data = pattern(1000);
+        let (_dir, _path, r) = local_blob(&data);
+        let digest = r.digest();
+        for (off, len) in [
+            (1000u64, 1u64),
+            (999, 2),
+            (0, 1001),
+            (5000, 10),
+            (u64::MAX, 1),
+            (1, u64::MAX),
+        ] {
+            match r.read_at(off, len, Priority::Background).await {
+                Err(Error::OutOfRange {
+                    digest: d,
+                    offset,
+                    len: l,
+                    size,
+                }) => {
+                    assert_eq!((d, offset, l, size), (digest, off, len, 1000));
+                }
+                other => panic!("{off}+{len}: expected OutOfRange, got {other:?}"),
+            }
+        }
+        // An empty read is fine anywhere, as for remote blobs.
+        assert!(r
+            .read_at(u64::MAX, 0, Priority::OnDemand)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn local_reader_keeps_its_file_and_reports_truncation() {
+        let data = pattern(4096);
+        let (_dir, path, r) = local_blob(&data);
+        // Unlinking (or replacing) the path does not affect an open reader.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            &r.read_at(4000, 96, Priority::OnDemand).await.unwrap()[..],
+            &data[4000..]
+        );
+
+        let (_dir2, path2, r2) = local_blob(&data);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path2)
+            .unwrap()
+            .set_len(100)
+            .unwrap();
+        let err = r2.read_at(50, 100, Priority::OnDemand).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::LocalRead {
+                    offset: 50,
+                    len: 100,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&path2.display().to_string()) && msg.contains("shorter"),
+            "{msg}"
+        );
+        assert!(!err.is_transient());
+    }
+
+    #[tokio::test]
+    async fn local_reader_rejects_missing_files_and_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Digest::sha256_of(b"x");
+        let missing = BlobReader::local(&dir.path().join("nope"), d).unwrap_err();
+        assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
+        let is_dir = BlobReader::local(dir.path(), d).unwrap_err();
+        assert_eq!(is_dir.kind(), std::io::ErrorKind::InvalidInput);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn local_concurrent_reads_return_their_own_ranges() {
+        let data = pattern(1 << 20);
+        let (_dir, _path, r) = local_blob(&data);
+        let reads = (0..64u64).map(|i| {
+            let r = r.clone();
+            async move {
+                (
+                    i,
+                    r.read_at(i * 16_000, 9_000, Priority::OnDemand)
+                        .await
+                        .unwrap(),
+                )
+            }
+        });
+        for (i, got) in futures::future::join_all(reads).await {
+            let off = (i * 16_000) as usize;
+            assert_eq!(&got[..], &data[off..off + 9_000]);
+        }
+    }
 }

@@ -138,6 +138,22 @@ pub enum Error {
         /// The OS error.
         detail: String,
     },
+    /// Reading a blob kept in a local file failed (deleted, truncated, disk error). Separate
+    /// from [`Error::Io`] so callers can tell a broken local copy (rebuild it) from a failed
+    /// download.
+    #[error("reading {len} bytes at offset {offset} of the local copy of blob {digest} ({path}): {detail}")]
+    LocalRead {
+        /// The blob (boxed: digests are large and errors should stay small).
+        digest: Box<Digest>,
+        /// The local file.
+        path: String,
+        /// Requested offset.
+        offset: u64,
+        /// Requested length.
+        len: u64,
+        /// The OS error.
+        detail: String,
+    },
 }
 
 impl Error {

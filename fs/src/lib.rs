@@ -5,10 +5,12 @@
 //! - [`estargz`]: the eStargz reader (footer + TOC -> model) and writer.
 //! - [`chunks`]: the data path: cache, fetch, decompress, verify; read-ahead, prefetch, fill.
 //! - [`fuse`]: the read-only FUSE filesystem of one layer (async reads, passthrough).
-//! - [`open`]: opening a registry layer for lazy reading.
+//! - [`open`]: opening a registry layer: lazily (eStargz) or by a verified whole fetch.
+//! - [`local`]: the whole-fetch path: download, convert once to a local eStargz copy, serve.
 
 pub mod chunks;
 pub mod estargz;
 pub mod fuse;
+pub mod local;
 pub mod open;
 pub mod toc;

@@ -1,13 +1,21 @@
-//! Opening a layer of an image for lazy reading: find and verify its TOC with as few requests
-//! as possible, and wire the model to a [`LayerSource`].
+//! Opening a layer of an image: find and verify its TOC with as few requests as possible, and
+//! wire the model to a [`LayerSource`].
+//!
+//! [`open_layer`] is the entry point for every layer of an image: eStargz layers are served
+//! lazily ([`open_estargz`]); any other tar layer (plain gzip, zstd, uncompressed; OCI or
+//! Docker media types) is fetched whole, verified and converted once into a local eStargz copy
+//! ([`crate::local`]), so every image runs. Which way a layer went, and why, is in
+//! [`OpenedLayer::served`].
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use lazypull_fetcher::{ChunkCache, Digest, FetchEngine, Priority, Reference};
 
 use crate::chunks::{Compression, LayerSource, SourceConfig};
-use crate::estargz::{self, EstargzError, Prefetch, ReaderConfig};
+use crate::estargz::{self, EstargzError, Footer, Prefetch, ReaderConfig};
+use crate::local::{self, LayerCompression, LocalRequest, ProgressFn};
 
 /// Manifest annotation with the digest of an eStargz layer's TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
@@ -52,6 +60,53 @@ pub enum OpenError {
         /// Parse error.
         detail: String,
     },
+    /// The layer's media type is not one lazypull can serve at all (neither lazily nor by a
+    /// whole fetch), e.g. encrypted layers or non-layer artifacts.
+    #[error("layer {layer}: media type {media_type:?} cannot be served: {detail}")]
+    Unsupported {
+        /// Layer digest.
+        layer: Digest,
+        /// The media type from the manifest.
+        media_type: String,
+        /// Why, and what is expected instead.
+        detail: String,
+    },
+    /// The downloaded (and verified) layer could not be converted into a local eStargz copy:
+    /// it is not a readable tar stream, or holds an entry eStargz cannot represent.
+    #[error(
+        "layer {layer}: converting the downloaded layer into a local eStargz copy failed: {source}"
+    )]
+    Convert {
+        /// Layer digest.
+        layer: Digest,
+        /// The writer's error.
+        source: EstargzError,
+    },
+    /// Local storage of a whole-fetched layer failed (disk full, permissions, ...).
+    #[error("layer {layer}: local copy {}: {detail}", path.display())]
+    Local {
+        /// Layer digest.
+        layer: Digest,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// What was being done and the OS error.
+        detail: String,
+    },
+}
+
+/// How an opened layer is served, so the daemon can log and count layers that could not be
+/// read lazily (they cost a whole download before the first read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Served {
+    /// From the registry, chunk by chunk, on demand (eStargz).
+    Lazy,
+    /// From a local eStargz copy made by a verified whole-layer fetch.
+    Local {
+        /// Why the layer could not be served lazily, for logs and status output.
+        reason: String,
+        /// The local copy (see [`local::remove_local_copy`] to delete it).
+        path: PathBuf,
+    },
 }
 
 /// A layer ready to mount.
@@ -61,8 +116,10 @@ pub struct OpenedLayer {
     pub source: LayerSource,
     /// What to prefetch first.
     pub prefetch: Prefetch,
-    /// Digest of the TOC JSON.
+    /// Digest of the TOC JSON (for a local copy, of the TOC lazypull wrote).
     pub toc_digest: Digest,
+    /// Lazily from the registry, or from a local copy (and why).
+    pub served: Served,
 }
 
 /// Opens an eStargz layer: one speculative read of the blob's tail (footer + usually the whole
@@ -125,5 +182,163 @@ pub async fn open_estargz(
         source,
         prefetch: opened.prefetch,
         toc_digest: opened.toc_digest,
+        served: Served::Lazy,
     })
+}
+
+/// Opens any layer of an image: lazily when it is eStargz, otherwise by a verified whole-layer
+/// fetch into a local eStargz copy under `local_dir` (see [`crate::local`]).
+///
+/// - A valid local copy made earlier is used first, with no registry access at all (a daemon
+///   restoring its mounts must not need the registry).
+/// - gzip layers with the TOC digest annotation, or whose footer parses, go through
+///   [`open_estargz`]; if their TOC turns out unusable, the layer falls back to the whole
+///   fetch (logged with the reason) rather than failing the pull.
+/// - zstd (also zstd:chunked, not read lazily yet), uncompressed and footer-less gzip layers
+///   take the whole fetch.
+/// - Registry errors (unreachable, unauthorized, not found, digest mismatch) are returned as
+///   [`OpenError::Fetch`], never turned into a fallback: the whole fetch would fail the same
+///   way. Media types that are not tar layers give [`OpenError::Unsupported`].
+pub async fn open_layer(
+    engine: &FetchEngine,
+    cache: &ChunkCache,
+    reference: &Reference,
+    desc: &LayerDescriptor,
+    reader: &ReaderConfig,
+    source: SourceConfig,
+    local_dir: &Path,
+) -> Result<OpenedLayer, OpenError> {
+    open_layer_with_progress(
+        engine, cache, reference, desc, reader, source, local_dir, None,
+    )
+    .await
+}
+
+/// [`open_layer`], reporting the download and conversion of a whole-fetched layer to
+/// `progress` (lazy layers report nothing: they have nothing slow to report).
+#[allow(clippy::too_many_arguments)]
+pub async fn open_layer_with_progress(
+    engine: &FetchEngine,
+    cache: &ChunkCache,
+    reference: &Reference,
+    desc: &LayerDescriptor,
+    reader: &ReaderConfig,
+    source: SourceConfig,
+    local_dir: &Path,
+    progress: Option<ProgressFn>,
+) -> Result<OpenedLayer, OpenError> {
+    let layer = desc.digest;
+    let compression = LayerCompression::from_media_type(&desc.media_type).map_err(|detail| {
+        OpenError::Unsupported {
+            layer,
+            media_type: desc.media_type.clone(),
+            detail,
+        }
+    })?;
+    if let Some(opened) = local::reuse_local(
+        cache,
+        desc,
+        reader,
+        &source,
+        local_dir,
+        &format!(
+            "{}; reusing the local copy made earlier",
+            static_reason(compression, desc)
+        ),
+    )
+    .await
+    {
+        return Ok(opened);
+    }
+    let reason = match compression {
+        LayerCompression::Gzip => {
+            match try_estargz(engine, cache, reference, desc, reader, source.clone()).await? {
+                Ok(opened) => return Ok(opened),
+                Err(reason) => reason,
+            }
+        }
+        LayerCompression::Zstd | LayerCompression::None => static_reason(compression, desc),
+    };
+    local::fetch_local(LocalRequest {
+        engine: engine.clone(),
+        cache: cache.clone(),
+        reference: reference.clone(),
+        desc: desc.clone(),
+        reader: reader.clone(),
+        source,
+        local_dir: local_dir.to_path_buf(),
+        reason,
+        progress,
+    })
+    .await
+}
+
+/// Why a layer of this compression is not read lazily, known from the manifest alone.
+fn static_reason(compression: LayerCompression, desc: &LayerDescriptor) -> String {
+    let mt = &desc.media_type;
+    match compression {
+        LayerCompression::Gzip => format!("no usable eStargz TOC (media type {mt})"),
+        LayerCompression::Zstd
+            if desc
+                .annotations
+                .keys()
+                .any(|k| k.contains("zstd-chunked.manifest")) =>
+        {
+            format!("zstd:chunked layers are not read lazily yet (media type {mt})")
+        }
+        LayerCompression::Zstd => format!("no TOC: plain zstd layer (media type {mt})"),
+        LayerCompression::None => format!("no TOC: uncompressed tar layer (media type {mt})"),
+    }
+}
+
+/// Tries a gzip layer as eStargz. The outer error is a registry failure (returned as is);
+/// the inner `Err` is the reason to fall back to the whole fetch.
+async fn try_estargz(
+    engine: &FetchEngine,
+    cache: &ChunkCache,
+    reference: &Reference,
+    desc: &LayerDescriptor,
+    reader: &ReaderConfig,
+    source: SourceConfig,
+) -> Result<Result<OpenedLayer, String>, OpenError> {
+    let layer = desc.digest;
+    let mt = &desc.media_type;
+    if !desc.annotations.contains_key(TOC_DIGEST_ANNOTATION) {
+        // No annotation: one small read of the footer tells eStargz from plain gzip without
+        // paying for the (much larger) speculative TOC read on plain layers.
+        let len = (estargz::FOOTER_SIZE as u64).min(desc.size);
+        if len < estargz::EXTERNAL_TOC_FOOTER_SIZE as u64 {
+            return Ok(Err(format!(
+                "no eStargz footer: the {}-byte blob is too small (media type {mt})",
+                desc.size
+            )));
+        }
+        let tail = engine
+            .blob(reference, layer, Some(desc.size))
+            .read_at(desc.size - len, len, Priority::OnDemand)
+            .await
+            .map_err(|source| OpenError::Fetch { layer, source })?;
+        match estargz::parse_footer(&tail) {
+            Ok((Footer::Estargz { .. } | Footer::Legacy { .. }, _)) => {}
+            Ok((Footer::ExternalToc, _)) => {
+                return Ok(Err(format!(
+                    "eStargz with an external TOC is not supported yet (media type {mt})"
+                )))
+            }
+            Err(_) => {
+                return Ok(Err(format!(
+                    "no eStargz TOC: plain gzip layer without an eStargz footer (media type {mt})"
+                )))
+            }
+        }
+    }
+    match open_estargz(engine, cache, reference, desc, reader, source).await {
+        Ok(opened) => Ok(Ok(opened)),
+        Err(e @ OpenError::Fetch { .. }) => Err(e),
+        Err(e) => {
+            tracing::warn!(layer = %layer, error = %e,
+                "eStargz TOC is unusable; falling back to a verified whole-layer fetch");
+            Ok(Err(format!("eStargz TOC unusable: {e}")))
+        }
+    }
 }

@@ -527,3 +527,65 @@ async fn errors_say_what_failed_and_exit_non_zero() {
         );
     });
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tty_gives_the_container_a_terminal_and_stdin_passes_through() {
+    if !have_runc() || lazypull_tests::util::find_in_path("script").is_none() {
+        eprintln!("runc or script not installed; skipping");
+        return;
+    }
+    let registry = TestRegistry::plain();
+    push(&registry, "small/app", &small_image(), true).await;
+    let image = format!("{}/small/app:v1", registry.host());
+    tokio::task::block_in_place(|| {
+        let lp = lazypull(&[]);
+        lp.ok(&["pull", &image]);
+        // `script` gives the command a pseudo-terminal, as an interactive shell would have.
+        let cmd = lp.command();
+        let mut words: Vec<String> = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        words.extend(
+            [
+                "run",
+                "--rm",
+                "-it",
+                &image,
+                "sh",
+                "-c",
+                "tty; [ -t 0 ] && echo stdin-is-a-tty; exit 4",
+            ]
+            .map(str::to_string),
+        );
+        let cmdline = words
+            .iter()
+            .map(|w| format!("'{w}'"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let out = Command::new("script")
+            .args(["-qec", &cmdline, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = stdout(&out).replace('\r', "");
+        assert!(
+            text.contains("/dev/pts/0\nstdin-is-a-tty\n"),
+            "{text}\n{}",
+            stderr(&out)
+        );
+        assert_eq!(out.status.code(), Some(4), "{text}");
+        // Without -t, stdin passes through with -i.
+        let mut child = lp
+            .command()
+            .args(["run", "--rm", "-i", &image, "sh", "-c", "wc -l"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child.stdin.take().unwrap().write_all(b"a\nb\nc\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(stdout(&out).trim(), "3");
+    });
+}

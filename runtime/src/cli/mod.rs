@@ -55,7 +55,7 @@ pub enum Command {
         quiet: bool,
     },
     /// Run a command in a new container, its image pulled lazily if needed.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// List containers (running ones; `-a` for all).
     #[command(alias = "ls")]
     Ps {
@@ -233,7 +233,7 @@ pub async fn execute(cli: Cli, settings: Settings) -> Result<u8> {
                 println!("{m}");
             }
         }
-        Command::Run(args) => return run::run(s, args).await,
+        Command::Run(args) => return run::run(s, *args).await,
         Command::ContainerShim { id, rm } => return run::shim(s, &id, rm).await,
         Command::Ps { all, quiet, json } => {
             ensure_daemon(s).await?;
