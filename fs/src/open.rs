@@ -133,14 +133,101 @@ pub async fn open_estargz(
     reader: &ReaderConfig,
     source: SourceConfig,
 ) -> Result<OpenedLayer, OpenError> {
-    let layer = desc.digest;
-    let expected = match desc.annotations.get(TOC_DIGEST_ANNOTATION) {
-        Some(v) => Some(v.parse::<Digest>().map_err(|e| OpenError::BadAnnotation {
-            layer,
-            detail: e.to_string(),
-        })?),
-        None => None,
+    open_estargz_tail(engine, cache, reference, desc, reader, source)
+        .await
+        .map(|(opened, _, _)| opened)
+}
+
+/// The TOC digest the manifest promises, if it names one.
+fn expected_toc(desc: &LayerDescriptor) -> Result<Option<Digest>, OpenError> {
+    match desc.annotations.get(TOC_DIGEST_ANNOTATION) {
+        Some(v) => Ok(Some(v.parse::<Digest>().map_err(|e| {
+            OpenError::BadAnnotation {
+                layer: desc.digest,
+                detail: e.to_string(),
+            }
+        })?)),
+        None => Ok(None),
+    }
+}
+
+/// Where the blob tail holding a lazily read layer's TOC is kept, so a restarted daemon can
+/// mount the layer again without the registry.
+pub fn saved_toc_path(local_dir: &Path, layer: &Digest) -> PathBuf {
+    local_dir.join(format!("{}.toc", layer.hex()))
+}
+
+/// Saves the tail read (`start` offset, then the bytes) atomically; failures only cost a
+/// registry read at the next restart, so they are logged, not returned.
+fn save_toc(local_dir: &Path, layer: &Digest, start: u64, tail: &[u8]) {
+    let path = saved_toc_path(local_dir, layer);
+    let tmp = path.with_extension(format!("toc.{}.tmp", std::process::id()));
+    let mut data = Vec::with_capacity(8 + tail.len());
+    data.extend_from_slice(&start.to_le_bytes());
+    data.extend_from_slice(tail);
+    let res = std::fs::create_dir_all(local_dir)
+        .and_then(|()| std::fs::write(&tmp, &data))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!(layer = %layer, error = %e, "cannot save the layer's TOC for restarts");
+    }
+}
+
+/// Opens a layer from its saved TOC, with no registry access. The TOC is checked as on the
+/// first open (digest against the manifest annotation, structure); anything wrong deletes
+/// the saved copy and returns `None`, so the caller reads the TOC from the registry again.
+fn open_saved_toc(
+    engine: &FetchEngine,
+    cache: &ChunkCache,
+    reference: &Reference,
+    desc: &LayerDescriptor,
+    reader: &ReaderConfig,
+    source: &SourceConfig,
+    local_dir: &Path,
+) -> Option<OpenedLayer> {
+    let path = saved_toc_path(local_dir, &desc.digest);
+    let data = std::fs::read(&path).ok()?;
+    let parsed = (|| {
+        let start = u64::from_le_bytes(data.get(..8)?.try_into().ok()?);
+        let tail = bytes::Bytes::copy_from_slice(data.get(8..)?);
+        let expected = expected_toc(desc).ok()?;
+        let opened = estargz::open_toc(&tail, start, desc.size, expected.as_ref(), reader).ok()?;
+        Some((start, tail, opened))
+    })();
+    let Some((start, tail, opened)) = parsed else {
+        tracing::warn!(layer = %desc.digest, path = %path.display(), "saved TOC is unusable; reading it from the registry again");
+        let _ = std::fs::remove_file(&path);
+        return None;
     };
+    let source = LayerSource::new(
+        Arc::new(opened.layer),
+        engine.blob(reference, desc.digest, Some(desc.size)),
+        cache.clone(),
+        Compression::Gzip,
+        source.clone(),
+        tokio::runtime::Handle::current(),
+    );
+    source.seed(start, tail);
+    Some(OpenedLayer {
+        source,
+        prefetch: opened.prefetch,
+        toc_digest: opened.toc_digest,
+        served: Served::Lazy,
+    })
+}
+
+/// [`open_estargz`], also returning the tail read (its start offset and bytes).
+async fn open_estargz_tail(
+    engine: &FetchEngine,
+    cache: &ChunkCache,
+    reference: &Reference,
+    desc: &LayerDescriptor,
+    reader: &ReaderConfig,
+    source: SourceConfig,
+) -> Result<(OpenedLayer, u64, bytes::Bytes), OpenError> {
+    let layer = desc.digest;
+    let expected = expected_toc(desc)?;
     let blob = engine.blob(reference, desc.digest, Some(desc.size));
     let fetch = |source| OpenError::Fetch { layer, source };
     let tail_len = estargz::tail_read_len(desc.size).min(desc.size);
@@ -177,13 +264,17 @@ pub async fn open_estargz(
         source,
         runtime,
     );
-    source.seed(start, tail);
-    Ok(OpenedLayer {
-        source,
-        prefetch: opened.prefetch,
-        toc_digest: opened.toc_digest,
-        served: Served::Lazy,
-    })
+    source.seed(start, tail.clone());
+    Ok((
+        OpenedLayer {
+            source,
+            prefetch: opened.prefetch,
+            toc_digest: opened.toc_digest,
+            served: Served::Lazy,
+        },
+        start,
+        tail,
+    ))
 }
 
 /// Opens any layer of an image: lazily when it is eStargz, otherwise by a verified whole-layer
@@ -252,7 +343,17 @@ pub async fn open_layer_with_progress(
     }
     let reason = match compression {
         LayerCompression::Gzip => {
-            match try_estargz(engine, cache, reference, desc, reader, source.clone()).await? {
+            match try_estargz(
+                engine,
+                cache,
+                reference,
+                desc,
+                reader,
+                source.clone(),
+                local_dir,
+            )
+            .await?
+            {
                 Ok(opened) => return Ok(opened),
                 Err(reason) => reason,
             }
@@ -300,8 +401,13 @@ async fn try_estargz(
     desc: &LayerDescriptor,
     reader: &ReaderConfig,
     source: SourceConfig,
+    local_dir: &Path,
 ) -> Result<Result<OpenedLayer, String>, OpenError> {
     let layer = desc.digest;
+    if let Some(opened) = open_saved_toc(engine, cache, reference, desc, reader, &source, local_dir)
+    {
+        return Ok(Ok(opened));
+    }
     let mt = &desc.media_type;
     if !desc.annotations.contains_key(TOC_DIGEST_ANNOTATION) {
         // No annotation: one small read of the footer tells eStargz from plain gzip without
@@ -332,8 +438,11 @@ async fn try_estargz(
             }
         }
     }
-    match open_estargz(engine, cache, reference, desc, reader, source).await {
-        Ok(opened) => Ok(Ok(opened)),
+    match open_estargz_tail(engine, cache, reference, desc, reader, source).await {
+        Ok((opened, start, tail)) => {
+            save_toc(local_dir, &layer, start, &tail);
+            Ok(Ok(opened))
+        }
         Err(e @ OpenError::Fetch { .. }) => Err(e),
         Err(e) => {
             tracing::warn!(layer = %layer, error = %e,

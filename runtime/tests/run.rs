@@ -382,7 +382,7 @@ async fn daemon_killed_while_a_container_runs_is_restarted_clean() {
         eprintln!("runc not installed; skipping");
         return;
     }
-    let registry = TestRegistry::plain();
+    let mut registry = TestRegistry::plain();
     push(&registry, "small/app", &small_image(), true).await;
     let image = format!("{}/small/app:v1", registry.host());
     tokio::task::block_in_place(|| {
@@ -391,6 +391,12 @@ async fn daemon_killed_while_a_container_runs_is_restarted_clean() {
         wait_for("the container to run", Duration::from_secs(30), || {
             lp.ok(&["ps"]).contains("long")
         });
+        // Once the background fill has made the image local, the registry can go: the restart
+        // must not need it (the layers' TOCs are saved locally).
+        wait_for("the image to be complete", Duration::from_secs(30), || {
+            lp.ok(&["images"]).contains("100%")
+        });
+        registry.kill();
         let pid = lp.daemon_pid().expect("daemon pid");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
@@ -408,6 +414,11 @@ async fn daemon_killed_while_a_container_runs_is_restarted_clean() {
             stderr(&out)
         );
         assert!(stdout(&out).contains("small/app"), "{}", stdout(&out));
+        assert!(
+            stdout(&out).contains("100%"),
+            "restored without the registry: {}",
+            stdout(&out)
+        );
         // Every mount under the root answers: no dead FUSE mount is left.
         for mp in lp.mounts_under_root() {
             if let Err(e) = std::fs::metadata(&mp) {

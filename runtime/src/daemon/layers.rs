@@ -237,6 +237,11 @@ pub fn release_all(st: &mut State, layers: &[LayerRecord]) {
         };
         if gone {
             drop_layer(st, &d);
+            // Nobody uses the layer any more: its local copy and saved TOC go too (chunks
+            // stay in the cache, which evicts by its own budget).
+            let local_dir = st.settings.root.join("local");
+            let _ = lazypull_fs::local::remove_local_copy(&local_dir, &d);
+            let _ = std::fs::remove_file(lazypull_fs::open::saved_toc_path(&local_dir, &d));
         }
     }
 }
