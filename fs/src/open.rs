@@ -138,17 +138,13 @@ pub async fn open_estargz(
         .map(|(opened, _, _)| opened)
 }
 
-/// The TOC digest the manifest promises, if it names one.
-fn expected_toc(desc: &LayerDescriptor) -> Result<Option<Digest>, OpenError> {
-    match desc.annotations.get(TOC_DIGEST_ANNOTATION) {
-        Some(v) => Ok(Some(v.parse::<Digest>().map_err(|e| {
-            OpenError::BadAnnotation {
-                layer: desc.digest,
-                detail: e.to_string(),
-            }
-        })?)),
-        None => Ok(None),
-    }
+/// The TOC digest the manifest promises, if it names one (`Err`: the annotation is not a
+/// digest).
+fn expected_toc(desc: &LayerDescriptor) -> Result<Option<Digest>, String> {
+    desc.annotations
+        .get(TOC_DIGEST_ANNOTATION)
+        .map(|v| v.parse::<Digest>().map_err(|e| e.to_string()))
+        .transpose()
 }
 
 /// Where the blob tail holding a lazily read layer's TOC is kept, so a restarted daemon can
@@ -227,7 +223,8 @@ async fn open_estargz_tail(
     source: SourceConfig,
 ) -> Result<(OpenedLayer, u64, bytes::Bytes), OpenError> {
     let layer = desc.digest;
-    let expected = expected_toc(desc)?;
+    let expected =
+        expected_toc(desc).map_err(|detail| OpenError::BadAnnotation { layer, detail })?;
     let blob = engine.blob(reference, desc.digest, Some(desc.size));
     let fetch = |source| OpenError::Fetch { layer, source };
     let tail_len = estargz::tail_read_len(desc.size).min(desc.size);
