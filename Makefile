@@ -18,13 +18,16 @@ lint:
 
 ## Benchmarks, each printing ratios measured in the same run: fetcher throughput and cache
 ## latency (against curl), then the filesystem (cold start, warm reads, metadata walk, memory)
-## through the release `lazypull` binary.
+## through the release `lazypull` binary, then `lazypull run` to the container's first output
+## line against a full pull (skopeo copy + umoci unpack + runc run).
 bench:
 	$(CARGO) run --release -p lazypull-benches --bin fetch-bench
 	$(CARGO) build --release -p lazypull
 	$(CARGO) run --release -p lazypull-benches --bin fs-bench
+	$(CARGO) run --release -p lazypull-benches --bin run-bench
 
-## Demo: starts a throw-away registry, pushes an image, and inspects it with lazypull.
+## Demo: installs what is missing (apt-get), builds, then starts a container from a ~430 MB
+## image with `lazypull run` and with a full pull, and compares the time to its first output line.
 demo:
 	./scripts/demo.sh
 

@@ -1,5 +1,6 @@
 //! Shared helpers of lazypull's benchmarks: timing statistics printed the same way everywhere.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Median of `samples` (sorted in place).
@@ -39,4 +40,53 @@ pub fn arg(name: &str) -> Option<u64> {
         .skip_while(|a| a != name)
         .nth(1)
         .and_then(|v| v.parse().ok())
+}
+
+/// The `lazypull` binary the benchmarks drive: `LAZYPULL_BIN`, else `target/release/lazypull`
+/// of this workspace (or of `CARGO_TARGET_DIR`). Prints which one and how old it is; when it is
+/// missing, says how to build it (prefixed with `bench`, the caller's name) and returns `None`.
+pub fn lazypull_binary(bench: &str) -> Option<PathBuf> {
+    let path = match std::env::var_os("LAZYPULL_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+            target.join("release/lazypull")
+        }
+    };
+    match std::fs::metadata(&path) {
+        Ok(m) => {
+            let age = m
+                .modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .map(|d| format!(", built {} min ago", d.as_secs() / 60))
+                .unwrap_or_default();
+            println!("lazypull binary: {}{age}", path.display());
+            Some(path)
+        }
+        Err(_) => {
+            eprintln!(
+                "{bench}: no lazypull binary at {}: build it first with \
+                 `cargo build --release -p lazypull`, or set LAZYPULL_BIN",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+/// Writes back dirty pages and drops the page, dentry and inode caches; false when not allowed
+/// (not root).
+pub fn drop_caches() -> bool {
+    let _ = std::process::Command::new("sync").status();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+/// The 1, 5 and 15 minute load averages, space-separated.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use crate::digest::Digest;
 use crate::error::Error;
 use crate::limiter::PriorityLimiter;
+use crate::metrics::Reason;
 use crate::reference::Reference;
 use crate::registry::Registry;
 
@@ -80,6 +81,8 @@ struct Flight {
     start: u64,
     end: u64,
     priority: Arc<AtomicU8>,
+    /// A read of the layer's table of contents (accounted apart from content reads).
+    toc: bool,
     tx: watch::Sender<Shared>,
 }
 
@@ -105,6 +108,29 @@ struct BlobState {
     digest: Digest,
     size: Option<u64>,
     queue: Mutex<BlobQueue>,
+    /// Bytes then requests received, per [`Reason`] (index).
+    counters: [AtomicU64; 8],
+}
+
+/// What one blob's reads fetched from the registry, by reason: for per-layer statistics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlobStats {
+    /// Bytes received, indexed by [`Reason`] as `usize`.
+    pub bytes: [u64; 4],
+    /// Requests completed, indexed likewise.
+    pub requests: [u64; 4],
+}
+
+impl BlobStats {
+    /// Bytes received for `reason`.
+    pub fn bytes_for(&self, reason: Reason) -> u64 {
+        self.bytes[reason as usize]
+    }
+
+    /// All bytes received.
+    pub fn total_bytes(&self) -> u64 {
+        self.bytes.iter().sum()
+    }
 }
 
 #[derive(Debug)]
@@ -196,6 +222,7 @@ impl FetchEngine {
             digest,
             size,
             queue: Mutex::default(),
+            counters: Default::default(),
         });
         blobs.insert(key, Arc::downgrade(&state));
         BlobReader {
@@ -280,8 +307,33 @@ impl BlobReader {
     /// registry requests and is irrelevant for local files.
     pub async fn read_at(&self, offset: u64, len: u64, priority: Priority) -> Result<Bytes, Error> {
         match &self.source {
-            Source::Remote(r) => r.read_at(offset, len, priority).await,
+            Source::Remote(r) => r.read_at(offset, len, priority, false).await,
             Source::Local(l) => l.clone().read_at(offset, len).await,
+        }
+    }
+
+    /// [`BlobReader::read_at`] at on-demand priority for a layer's table of contents, so its
+    /// bytes are counted under [`Reason::Toc`] rather than as content read on demand.
+    pub async fn read_toc_at(&self, offset: u64, len: u64) -> Result<Bytes, Error> {
+        match &self.source {
+            Source::Remote(r) => r.read_at(offset, len, Priority::OnDemand, true).await,
+            Source::Local(l) => l.clone().read_at(offset, len).await,
+        }
+    }
+
+    /// What this blob's reads have fetched from the registry so far (zeros for a local file).
+    pub fn stats(&self) -> BlobStats {
+        match &self.source {
+            Source::Remote(r) => {
+                let c = &r.state.counters;
+                let mut st = BlobStats::default();
+                for i in 0..4 {
+                    st.bytes[i] = c[i].load(Ordering::Relaxed);
+                    st.requests[i] = c[4 + i].load(Ordering::Relaxed);
+                }
+                st
+            }
+            Source::Local(_) => BlobStats::default(),
         }
     }
 }
@@ -327,7 +379,13 @@ impl LocalBlob {
 }
 
 impl RemoteBlob {
-    async fn read_at(&self, offset: u64, len: u64, priority: Priority) -> Result<Bytes, Error> {
+    async fn read_at(
+        &self,
+        offset: u64,
+        len: u64,
+        priority: Priority,
+        toc: bool,
+    ) -> Result<Bytes, Error> {
         if len == 0 {
             return Ok(Bytes::new());
         }
@@ -366,6 +424,7 @@ impl RemoteBlob {
                         start: offset,
                         end,
                         priority: Arc::new(AtomicU8::new(priority as u8)),
+                        toc,
                         tx,
                     });
                     q.queued.push(f.clone());
@@ -442,7 +501,17 @@ impl RemoteBlob {
         };
         for (span, members) in spans {
             let reader = self.clone();
-            tokio::spawn(async move { reader.fetch_span(span, members).await });
+            let trace = tracing::debug_span!(
+                "fetch",
+                blob = %self.state.digest,
+                host = %self.state.reference.registry(),
+                offset = span.start,
+                len = span.end - span.start,
+            );
+            tokio::spawn(tracing::Instrument::instrument(
+                async move { reader.fetch_span(span, members).await },
+                trace,
+            ));
         }
     }
 
@@ -469,6 +538,7 @@ impl RemoteBlob {
                 .fetch_max(m.priority.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         let permit = limiter.acquire(span.priority.clone()).await;
+        let started = std::time::Instant::now();
         let result = self
             .engine
             .registry
@@ -480,6 +550,7 @@ impl RemoteBlob {
             )
             .await;
         drop(permit);
+        self.account(&span, &result, started.elapsed());
         {
             let mut q = self.state.queue.lock();
             q.inflight.retain(|f| !Arc::ptr_eq(f, &span));
@@ -498,15 +569,51 @@ impl RemoteBlob {
     }
 }
 
+impl RemoteBlob {
+    /// Counts a finished request in the blob's statistics and the process metrics, under the
+    /// reason of its most urgent member (a TOC read when every member is one).
+    fn account(&self, span: &Flight, result: &Result<Bytes, Error>, took: std::time::Duration) {
+        let host = self.state.reference.registry();
+        let m = crate::metrics::fetch_metrics();
+        let bytes = match result {
+            Ok(b) => b.len() as u64,
+            Err(_) => {
+                m.errors.with_label_values(&[host]).inc();
+                return;
+            }
+        };
+        let reason = if span.toc {
+            Reason::Toc
+        } else {
+            match span.priority.load(Ordering::Relaxed) {
+                p if p >= Priority::OnDemand as u8 => Reason::OnDemand,
+                p if p == Priority::Prefetch as u8 => Reason::Prefetch,
+                _ => Reason::Background,
+            }
+        };
+        self.state.counters[reason as usize].fetch_add(bytes, Ordering::Relaxed);
+        self.state.counters[4 + reason as usize].fetch_add(1, Ordering::Relaxed);
+        m.bytes
+            .with_label_values(&[host, reason.as_str()])
+            .inc_by(bytes);
+        m.requests.with_label_values(&[host, reason.as_str()]).inc();
+        m.latency
+            .with_label_values(&[host])
+            .observe(took.as_secs_f64());
+    }
+}
+
 fn make_span(
     (start, end, priority, members): (u64, u64, u8, Vec<Arc<Flight>>),
 ) -> (Arc<Flight>, Vec<Arc<Flight>>) {
     let (tx, _) = watch::channel(None);
+    let toc = !members.is_empty() && members.iter().all(|m| m.toc);
     (
         Arc::new(Flight {
             start,
             end,
             priority: Arc::new(AtomicU8::new(priority)),
+            toc,
             tx,
         }),
         members,

@@ -69,7 +69,7 @@ pub struct Capabilities {
     pub pull: bool,
     /// May resolve tags to digests.
     pub resolve: bool,
-    /// May receive uploads (lazypull never pushes; kept for fidelity with containerd).
+    /// May receive uploads (`lazypull convert` pushes only to endpoints that allow it).
     pub push: bool,
 }
 

@@ -139,7 +139,7 @@ struct Inner {
 type BlobKey = (String, String, Digest);
 
 /// Outcome of one attempt inside a retry loop.
-enum Attempt {
+pub(crate) enum Attempt {
     /// Worth trying again (after `after`, if the server said).
     Retry(Error, Option<Duration>),
     /// Final.
@@ -157,10 +157,14 @@ impl From<Error> for Attempt {
 }
 
 /// What a request is for: the repository (auth scope) and a description for errors.
-struct Target<'a> {
-    reference: &'a Reference,
-    what: String,
+pub(crate) struct Target<'a> {
+    pub(crate) reference: &'a Reference,
+    pub(crate) what: String,
 }
+
+/// Makes a request body, once per attempt: a streamed body cannot be replayed, so a request
+/// retried after a 401 (or a transient failure) needs a fresh one.
+pub(crate) type BodyFactory<'a> = &'a (dyn Fn() -> Result<reqwest::Body, Error> + Send + Sync);
 
 impl Registry {
     /// A client with `config`.
@@ -668,12 +672,17 @@ impl Registry {
         }))
     }
 
-    fn endpoints(&self, reference: &Reference, capability: &str) -> Result<Vec<Endpoint>, Error> {
+    pub(crate) fn endpoints(
+        &self,
+        reference: &Reference,
+        capability: &str,
+    ) -> Result<Vec<Endpoint>, Error> {
         let all = self.inner.config.hosts.endpoints(reference.registry())?;
         let eps: Vec<Endpoint> = all
             .into_iter()
             .filter(|e| match capability {
                 "resolve" => e.capabilities.resolve,
+                "push" => e.capabilities.push,
                 _ => e.capabilities.pull,
             })
             .collect();
@@ -681,7 +690,7 @@ impl Registry {
     }
 
     /// Runs `attempt` until it succeeds, fails finally, or the retry policy gives up.
-    async fn retrying<T, F, Fut>(&self, host: &str, mut attempt: F) -> Result<T, Error>
+    pub(crate) async fn retrying<T, F, Fut>(&self, host: &str, mut attempt: F) -> Result<T, Error>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Attempt>>,
@@ -725,10 +734,30 @@ impl Registry {
         headers: HeaderMap,
         small: bool,
     ) -> Result<Response, Attempt> {
+        let scope = format!("repository:{}:pull", target.reference.repository());
+        self.send_scoped(ep, target, method, url, headers, small, &scope, None)
+            .await
+    }
+
+    /// [`Registry::send`] with an explicit token scope (space-separated scopes for requests
+    /// that touch two repositories, as a cross-repository mount) and an optional body, made
+    /// afresh for every attempt.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn send_scoped(
+        &self,
+        ep: &Endpoint,
+        target: &Target<'_>,
+        method: Method,
+        url: Url,
+        headers: HeaderMap,
+        small: bool,
+        scope: &str,
+        body: Option<BodyFactory<'_>>,
+    ) -> Result<Response, Attempt> {
         let client = self
             .client_for(Some(ep), &ep.host)
             .map_err(Attempt::Fatal)?;
-        let scope = format!("repository:{}:pull", target.reference.repository());
+        let scope = scope.to_string();
         let mut reauthed = false;
         loop {
             let challenge = self.inner.challenges.lock().get(&ep.host).cloned();
@@ -744,6 +773,9 @@ impl Registry {
             }
             if let Some(a) = &auth {
                 req = req.header(header::AUTHORIZATION, a.as_str());
+            }
+            if let Some(make) = body {
+                req = req.body(make().map_err(Attempt::Fatal)?);
             }
             if small {
                 req = req.timeout(self.inner.config.request_timeout);
@@ -857,7 +889,11 @@ impl Registry {
                     if !key.service.is_empty() {
                         q.append_pair("service", &key.service);
                     }
-                    q.append_pair("scope", &key.scope);
+                    // One `scope` parameter per scope, as the token specification has it (a
+                    // cross-repository mount asks for two repositories).
+                    for scope in key.scope.split_whitespace() {
+                        q.append_pair("scope", scope);
+                    }
                 }
                 let req = client.get(url);
                 match other {
@@ -944,7 +980,11 @@ impl Registry {
     }
 
     /// The HTTP client for an endpoint's TLS settings (shared per host so connections pool).
-    fn client_for(&self, ep: Option<&Endpoint>, host: &str) -> Result<reqwest::Client, Error> {
+    pub(crate) fn client_for(
+        &self,
+        ep: Option<&Endpoint>,
+        host: &str,
+    ) -> Result<reqwest::Client, Error> {
         let key = match ep {
             Some(_) => format!("ep:{host}"),
             None => "plain".to_string(),
@@ -995,14 +1035,14 @@ impl Registry {
     }
 }
 
-fn join(ep: &Endpoint, path: &str) -> Url {
+pub(crate) fn join(ep: &Endpoint, path: &str) -> Url {
     let mut url = ep.base.clone();
     let base = url.path().trim_end_matches('/').to_string();
     url.set_path(&format!("{base}/{path}"));
     url
 }
 
-fn host_of(url: &Url) -> String {
+pub(crate) fn host_of(url: &Url) -> String {
     match (url.host_str(), url.port()) {
         (Some(h), Some(p)) => format!("{h}:{p}"),
         (Some(h), None) => h.to_string(),
@@ -1033,7 +1073,7 @@ fn content_range_start(v: &str) -> Option<u64> {
 
 /// Maps a transport failure to a retryable error; the URL (which may carry a signed query) is
 /// left out.
-fn transport_error(e: reqwest::Error, host: &str, what: &str, attempts: u32) -> Attempt {
+pub(crate) fn transport_error(e: reqwest::Error, host: &str, what: &str, attempts: u32) -> Attempt {
     let timeout = e.is_timeout();
     let mut causes = String::new();
     let mut source = std::error::Error::source(&e);
@@ -1064,7 +1104,11 @@ fn transport_error(e: reqwest::Error, host: &str, what: &str, attempts: u32) -> 
 }
 
 /// Passes successes, redirects and final statuses through; turns 429 and 5xx into retries.
-async fn classify_status(resp: Response, host: &str, what: &str) -> Result<Response, Attempt> {
+pub(crate) async fn classify_status(
+    resp: Response,
+    host: &str,
+    what: &str,
+) -> Result<Response, Attempt> {
     let status = resp.status();
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         let after = resp
@@ -1087,7 +1131,7 @@ async fn classify_status(resp: Response, host: &str, what: &str) -> Result<Respo
 }
 
 /// The error for a final non-success status.
-async fn status_error(resp: Response, host: &str, what: &str) -> Error {
+pub(crate) async fn status_error(resp: Response, host: &str, what: &str) -> Error {
     let status = resp.status();
     let detail = error_detail(resp).await;
     match status {
@@ -1110,7 +1154,7 @@ async fn status_error(resp: Response, host: &str, what: &str) -> Error {
 }
 
 /// A short, printable excerpt of an error body (registries send JSON `errors` arrays).
-async fn error_detail(resp: Response) -> String {
+pub(crate) async fn error_detail(resp: Response) -> String {
     let status = resp.status();
     let body = read_limited(resp, 4096, "", "").await.unwrap_or_default();
     #[derive(serde::Deserialize)]

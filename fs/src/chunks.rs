@@ -28,6 +28,9 @@ use crate::toc::{Chunk, Kind, Layer, NodeId};
 pub enum Compression {
     /// One gzip member per chunk (eStargz).
     Gzip,
+    /// One zstd frame per chunk (zstd:chunked; also eStargz-style TOCs in zstd, where several
+    /// chunks may share a frame and `inner_offset` says where a chunk starts).
+    Zstd,
 }
 
 /// Why a chunk could not be served.
@@ -380,6 +383,7 @@ impl LayerSource {
             return Ok(data);
         }
         for attempt in 0..2 {
+            let waited = std::time::Instant::now();
             let compressed = self
                 .inner
                 .blob
@@ -390,6 +394,10 @@ impl LayerSource {
                     offset: chunk.blob_offset,
                     source: Box::new(source),
                 })?;
+            if priority == Priority::OnDemand && self.inner.blob.local_path().is_none() {
+                crate::metrics::observe_network_wait(waited.elapsed().as_secs_f64());
+                crate::metrics::note_on_demand();
+            }
             self.inner
                 .stats
                 .fetched_chunks
@@ -673,28 +681,37 @@ impl Drop for LoadGuard<'_> {
 /// Decompresses one chunk from its compressed unit and cuts out its bytes.
 fn decompress(compression: Compression, unit: &[u8], chunk: &Chunk) -> Result<Vec<u8>, String> {
     match compression {
-        Compression::Gzip => {
-            let mut dec = flate2::read::GzDecoder::new(unit);
-            if chunk.inner_offset > 0 {
-                let skipped = std::io::copy(
-                    &mut (&mut dec).take(chunk.inner_offset),
-                    &mut std::io::sink(),
-                )
-                .map_err(|e| format!("gzip: {e}"))?;
-                if skipped != chunk.inner_offset {
-                    return Err(format!(
-                        "member ends at {skipped}, before the chunk's inner offset {}",
-                        chunk.inner_offset
-                    ));
-                }
-            }
-            let size = usize::try_from(chunk.size).map_err(|_| "chunk too large".to_string())?;
-            let mut out = vec![0u8; size];
-            dec.read_exact(&mut out)
-                .map_err(|e| format!("gzip member shorter than the chunk's {size} bytes: {e}"))?;
-            Ok(out)
+        Compression::Gzip => cut(flate2::read::GzDecoder::new(unit), "gzip member", chunk),
+        Compression::Zstd => {
+            // A bounded window (the default limit, 128 MiB) keeps a hostile frame header from
+            // making the decoder allocate more than a chunk could need.
+            let dec =
+                zstd::stream::read::Decoder::with_buffer(unit).map_err(|e| format!("zstd: {e}"))?;
+            cut(dec, "zstd frame", chunk)
         }
     }
+}
+
+/// Skips `chunk.inner_offset` decompressed bytes, then reads exactly the chunk.
+fn cut(mut dec: impl Read, unit_name: &str, chunk: &Chunk) -> Result<Vec<u8>, String> {
+    if chunk.inner_offset > 0 {
+        let skipped = std::io::copy(
+            &mut (&mut dec).take(chunk.inner_offset),
+            &mut std::io::sink(),
+        )
+        .map_err(|e| format!("{unit_name}: {e}"))?;
+        if skipped != chunk.inner_offset {
+            return Err(format!(
+                "{unit_name} ends at {skipped}, before the chunk's inner offset {}",
+                chunk.inner_offset
+            ));
+        }
+    }
+    let size = usize::try_from(chunk.size).map_err(|_| "chunk too large".to_string())?;
+    let mut out = vec![0u8; size];
+    dec.read_exact(&mut out)
+        .map_err(|e| format!("{unit_name} shorter than the chunk's {size} bytes: {e}"))?;
+    Ok(out)
 }
 
 impl crate::fuse::ContentSource for LayerSource {

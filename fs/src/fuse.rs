@@ -52,6 +52,7 @@ use fuser::{
 use parking_lot::Mutex;
 use tracing::{debug, info, warn};
 
+use crate::metrics::{Op, OpTimer};
 use crate::toc::{Kind, Layer, Node, NodeId};
 
 /// Supplies file content; implemented by the chunk reader (network + cache + verification), and
@@ -116,7 +117,7 @@ impl Default for MountOptions {
 }
 
 /// Counters of one mount, for metrics and for tests that must see requests reach the daemon.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct FsStats {
     /// LOOKUP requests.
     pub lookups: u64,
@@ -128,7 +129,25 @@ pub struct FsStats {
     pub read_bytes: u64,
     /// Opens answered with FUSE passthrough.
     pub passthrough_opens: u64,
+    /// The reads that took longest to answer (network waits show up here), slowest first.
+    pub slowest_reads: Vec<SlowRead>,
 }
+
+/// One slow READ, for "what did the workload wait on?".
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlowRead {
+    /// The file.
+    pub node: NodeId,
+    /// Where in it.
+    pub offset: u64,
+    /// How much was asked for.
+    pub len: u32,
+    /// Time from request to reply.
+    pub seconds: f64,
+}
+
+/// How many slow reads a mount remembers.
+const SLOW_READS_KEPT: usize = 5;
 
 /// Why mounting or unmounting a layer failed.
 #[derive(Debug, thiserror::Error)]
@@ -187,9 +206,20 @@ struct Counters {
     reads: AtomicU64,
     read_bytes: AtomicU64,
     passthrough_opens: AtomicU64,
+    slow: Mutex<Vec<SlowRead>>,
 }
 
 impl Counters {
+    fn note_read(&self, read: SlowRead) {
+        let mut slow = self.slow.lock();
+        if slow.len() >= SLOW_READS_KEPT && slow.last().is_some_and(|l| l.seconds >= read.seconds) {
+            return;
+        }
+        slow.push(read);
+        slow.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        slow.truncate(SLOW_READS_KEPT);
+    }
+
     fn snapshot(&self) -> FsStats {
         FsStats {
             lookups: self.lookups.load(Ordering::Relaxed),
@@ -197,6 +227,7 @@ impl Counters {
             reads: self.reads.load(Ordering::Relaxed),
             read_bytes: self.read_bytes.load(Ordering::Relaxed),
             passthrough_opens: self.passthrough_opens.load(Ordering::Relaxed),
+            slowest_reads: self.slow.lock().clone(),
         }
     }
 }
@@ -452,6 +483,29 @@ struct ReadOp {
     /// Bytes received so far, when the source answered in pieces.
     acc: Vec<u8>,
     reply: ReplyData,
+    /// Observes the READ's latency when the operation is done (replied or dropped).
+    _timer: ReadTimer,
+}
+
+/// Times one READ for the metrics and the mount's slowest-reads list.
+struct ReadTimer {
+    counters: Arc<Counters>,
+    node: NodeId,
+    offset: u64,
+    len: u32,
+    start: Instant,
+    _op: OpTimer,
+}
+
+impl Drop for ReadTimer {
+    fn drop(&mut self) {
+        self.counters.note_read(SlowRead {
+            node: self.node,
+            offset: self.offset,
+            len: self.len,
+            seconds: self.start.elapsed().as_secs_f64(),
+        });
+    }
 }
 
 /// Hand-over between [`ReadOp::start`] and the source's `done` callback. A callback that runs
@@ -574,6 +628,7 @@ impl Filesystem for LayerFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timer = OpTimer::new(Op::Lookup);
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
         let (dir, node) = match self.get(parent) {
             Ok(x) => x,
@@ -602,6 +657,7 @@ impl Filesystem for LayerFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timer = OpTimer::new(Op::Getattr);
         self.counters.getattrs.fetch_add(1, Ordering::Relaxed);
         match self.get(ino) {
             Ok((id, node)) => reply.attr(&self.ttl, &self.attr(id, node)),
@@ -610,6 +666,7 @@ impl Filesystem for LayerFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _timer = OpTimer::new(Op::Readlink);
         let id = match self.get(ino) {
             Ok((id, _)) => id,
             Err(e) => return reply.error(e),
@@ -621,6 +678,7 @@ impl Filesystem for LayerFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = OpTimer::new(Op::Open);
         let (id, node) = match self.get(ino) {
             Ok(x) => x,
             Err(e) => return reply.error(e),
@@ -698,6 +756,7 @@ impl Filesystem for LayerFs {
         }
         // Fits in u32: bounded by `size`.
         let size = (node.size - offset).min(u64::from(size)) as u32;
+        let _span = tracing::debug_span!("read", node = id, offset, size).entered();
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         ReadOp {
             source: Arc::clone(&self.source),
@@ -707,6 +766,14 @@ impl Filesystem for LayerFs {
             remaining: size,
             acc: Vec::new(),
             reply,
+            _timer: ReadTimer {
+                counters: Arc::clone(&self.counters),
+                node: id,
+                offset,
+                len: size,
+                start: Instant::now(),
+                _op: OpTimer::new(Op::Read),
+            },
         }
         .start();
     }
@@ -732,6 +799,7 @@ impl Filesystem for LayerFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = OpTimer::new(Op::Release);
         let mut table = self.opens.lock();
         if let Some(handle) = table.handles.remove(&fh.0) {
             let node = handle.node;
@@ -762,6 +830,7 @@ impl Filesystem for LayerFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = OpTimer::new(Op::Opendir);
         match self.get(ino) {
             Ok((_, n)) if n.kind == Kind::Dir => reply.opened(
                 FileHandle(0),
@@ -780,6 +849,7 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timer = OpTimer::new(Op::Readdir);
         let (id, node) = match self.get(ino) {
             Ok(x) => x,
             Err(e) => return reply.error(e),
@@ -812,6 +882,7 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _timer = OpTimer::new(Op::Readdirplus);
         let (id, node) = match self.get(ino) {
             Ok(x) => x,
             Err(e) => return reply.error(e),
@@ -861,6 +932,7 @@ impl Filesystem for LayerFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _timer = OpTimer::new(Op::Statfs);
         reply.statfs(
             self.total_blocks,
             0,
@@ -874,6 +946,7 @@ impl Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _timer = OpTimer::new(Op::Getxattr);
         let (id, node) = match self.get(ino) {
             Ok(x) => x,
             Err(e) => return reply.error(e),
@@ -885,6 +958,7 @@ impl Filesystem for LayerFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _timer = OpTimer::new(Op::Listxattr);
         let (id, node) = match self.get(ino) {
             Ok(x) => x,
             Err(e) => return reply.error(e),
@@ -906,6 +980,7 @@ impl Filesystem for LayerFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let _timer = OpTimer::new(Op::Access);
         match self.get(ino) {
             Ok(_) if mask.contains(AccessFlags::W_OK) => reply.error(Errno::EROFS),
             Ok(_) => reply.ok(),

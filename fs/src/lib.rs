@@ -3,14 +3,19 @@
 //! - [`toc`]: the one in-memory model of a layer that every format reader fills and the
 //!   filesystem serves from.
 //! - [`estargz`]: the eStargz reader (footer + TOC -> model) and writer.
+//! - [`zstd_chunked`]: the zstd:chunked reader (annotations or footer + TOC -> model) and
+//!   writer.
 //! - [`chunks`]: the data path: cache, fetch, decompress, verify; read-ahead, prefetch, fill.
 //! - [`fuse`]: the read-only FUSE filesystem of one layer (async reads, passthrough).
-//! - [`open`]: opening a registry layer: lazily (eStargz) or by a verified whole fetch.
+//! - [`open`]: opening a registry layer: lazily (eStargz, zstd:chunked) or by a verified whole
+//!   fetch.
 //! - [`local`]: the whole-fetch path: download, convert once to a local eStargz copy, serve.
 
 pub mod chunks;
 pub mod estargz;
 pub mod fuse;
 pub mod local;
+pub mod metrics;
 pub mod open;
 pub mod toc;
+pub mod zstd_chunked;

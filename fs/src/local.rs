@@ -159,7 +159,9 @@ pub fn remove_local_copy(local_dir: &Path, layer: &Digest) -> io::Result<bool> {
     Ok(existed)
 }
 
-fn download_path(local_dir: &Path, layer: &Digest) -> PathBuf {
+/// Where the verified compressed blob waits between download and conversion; one that exists
+/// means an earlier run chose the whole fetch for this layer.
+pub(crate) fn download_path(local_dir: &Path, layer: &Digest) -> PathBuf {
     local_dir.join(format!("{}.{DOWNLOAD_EXT}", layer.hex()))
 }
 

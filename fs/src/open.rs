@@ -1,21 +1,28 @@
 //! Opening a layer of an image: find and verify its TOC with as few requests as possible, and
 //! wire the model to a [`LayerSource`].
 //!
-//! [`open_layer`] is the entry point for every layer of an image: eStargz layers are served
-//! lazily ([`open_estargz`]); any other tar layer (plain gzip, zstd, uncompressed; OCI or
-//! Docker media types) is fetched whole, verified and converted once into a local eStargz copy
-//! ([`crate::local`]), so every image runs. Which way a layer went, and why, is in
-//! [`OpenedLayer::served`].
+//! [`open_layer`] is the entry point for every layer of an image: eStargz and zstd:chunked
+//! layers are served lazily ([`open_estargz`], [`open_zstd_chunked`]); any other tar layer
+//! (plain gzip, zstd, uncompressed; OCI or Docker media types) is fetched whole, verified and
+//! converted once into a local eStargz copy ([`crate::local`]), so every image runs. Which way
+//! a layer went, and why, is in [`OpenedLayer::served`].
+//!
+//! The blob bytes a lazy layer's TOC was read from are saved under `local_dir` (see
+//! [`saved_toc_path`]), tagged with their format, so a restarted daemon mounts the layer again
+//! without the registry.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use lazypull_fetcher::{ChunkCache, Digest, FetchEngine, Priority, Reference};
+use bytes::Bytes;
+use lazypull_fetcher::{BlobReader, ChunkCache, Digest, FetchEngine, Reference};
 
 use crate::chunks::{Compression, LayerSource, SourceConfig};
 use crate::estargz::{self, EstargzError, Footer, Prefetch, ReaderConfig};
 use crate::local::{self, LayerCompression, LocalRequest, ProgressFn};
+use crate::toc::Layer;
+use crate::zstd_chunked::{self, TocHint, ZstdChunkedError};
 
 /// Manifest annotation with the digest of an eStargz layer's TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
@@ -51,6 +58,14 @@ pub enum OpenError {
         layer: Digest,
         /// Reader error.
         source: EstargzError,
+    },
+    /// The layer is not zstd:chunked, its annotations are malformed, or its TOC is invalid.
+    #[error("layer {layer}: {source}")]
+    ZstdChunked {
+        /// Layer digest.
+        layer: Digest,
+        /// Reader error.
+        source: ZstdChunkedError,
     },
     /// The TOC digest annotation is not a digest.
     #[error("layer {layer}: annotation {TOC_DIGEST_ANNOTATION} is invalid: {detail}")]
@@ -98,7 +113,7 @@ pub enum OpenError {
 /// read lazily (they cost a whole download before the first read).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Served {
-    /// From the registry, chunk by chunk, on demand (eStargz).
+    /// From the registry, chunk by chunk, on demand (eStargz, zstd:chunked).
     Lazy,
     /// From a local eStargz copy made by a verified whole-layer fetch.
     Local {
@@ -116,7 +131,9 @@ pub struct OpenedLayer {
     pub source: LayerSource,
     /// What to prefetch first.
     pub prefetch: Prefetch,
-    /// Digest of the TOC JSON (for a local copy, of the TOC lazypull wrote).
+    /// The layer's TOC digest: for eStargz the digest of the TOC JSON (for a local copy, of the
+    /// TOC lazypull wrote); for zstd:chunked the digest of the compressed TOC (the
+    /// manifest-checksum annotation), which is what containers/storage calls the TOC digest.
     pub toc_digest: Digest,
     /// Lazily from the registry, or from a local copy (and why).
     pub served: Served,
@@ -147,18 +164,31 @@ fn expected_toc(desc: &LayerDescriptor) -> Result<Option<Digest>, String> {
         .transpose()
 }
 
-/// Where the blob tail holding a lazily read layer's TOC is kept, so a restarted daemon can
+/// Where the blob bytes holding a lazily read layer's TOC are kept, so a restarted daemon can
 /// mount the layer again without the registry.
 pub fn saved_toc_path(local_dir: &Path, layer: &Digest) -> PathBuf {
     local_dir.join(format!("{}.toc", layer.hex()))
 }
 
-/// Saves the tail read (`start` offset, then the bytes) atomically; failures only cost a
+/// Which reader a saved TOC is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TocFormat {
+    Estargz = 1,
+    ZstdChunked = 2,
+}
+
+/// Start of a tagged saved-TOC file: magic, format byte, version byte (1). Files written before
+/// formats were tagged start directly with the offset and hold eStargz.
+const SAVED_TOC_MAGIC: &[u8; 6] = b"LPTOC\0";
+
+/// Saves the blob bytes read (`start` offset, then the bytes) atomically; failures only cost a
 /// registry read at the next restart, so they are logged, not returned.
-fn save_toc(local_dir: &Path, layer: &Digest, start: u64, tail: &[u8]) {
+fn save_toc(local_dir: &Path, layer: &Digest, format: TocFormat, start: u64, tail: &[u8]) {
     let path = saved_toc_path(local_dir, layer);
     let tmp = path.with_extension(format!("toc.{}.tmp", std::process::id()));
-    let mut data = Vec::with_capacity(8 + tail.len());
+    let mut data = Vec::with_capacity(16 + tail.len());
+    data.extend_from_slice(SAVED_TOC_MAGIC);
+    data.extend_from_slice(&[format as u8, 1]);
     data.extend_from_slice(&start.to_le_bytes());
     data.extend_from_slice(tail);
     let res = std::fs::create_dir_all(local_dir)
@@ -170,9 +200,61 @@ fn save_toc(local_dir: &Path, layer: &Digest, start: u64, tail: &[u8]) {
     }
 }
 
+/// The format, start offset and bytes of a saved TOC file.
+fn parse_saved_toc(data: &[u8]) -> Option<(TocFormat, u64, Bytes)> {
+    let (format, rest) = match data.strip_prefix(SAVED_TOC_MAGIC) {
+        Some(rest) => {
+            let format = match rest.first()? {
+                1 => TocFormat::Estargz,
+                2 => TocFormat::ZstdChunked,
+                _ => return None,
+            };
+            if rest.get(1) != Some(&1) {
+                return None;
+            }
+            (format, rest.get(2..)?)
+        }
+        None => (TocFormat::Estargz, data),
+    };
+    let start = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+    Some((format, start, Bytes::copy_from_slice(rest.get(8..)?)))
+}
+
+/// A lazily served layer: the model wired to the blob and cache, with the chunks that lie
+/// wholly inside the bytes already read (`start`, `read`) cached in the background.
+#[allow(clippy::too_many_arguments)]
+fn lazy_layer(
+    layer: Layer,
+    blob: BlobReader,
+    cache: &ChunkCache,
+    compression: Compression,
+    source: SourceConfig,
+    prefetch: Prefetch,
+    toc_digest: Digest,
+    (start, read): (u64, Bytes),
+) -> OpenedLayer {
+    let source = LayerSource::new(
+        Arc::new(layer),
+        blob,
+        cache.clone(),
+        compression,
+        source,
+        tokio::runtime::Handle::current(),
+    );
+    source.seed(start, read);
+    OpenedLayer {
+        source,
+        prefetch,
+        toc_digest,
+        served: Served::Lazy,
+    }
+}
+
 /// Opens a layer from its saved TOC, with no registry access. The TOC is checked as on the
-/// first open (digest against the manifest annotation, structure); anything wrong deletes
-/// the saved copy and returns `None`, so the caller reads the TOC from the registry again.
+/// first open (digest against the manifest annotations, structure); anything wrong (including
+/// a TOC saved for the other format) deletes the saved copy and returns `None`, so the caller
+/// reads the TOC from the registry again.
+#[allow(clippy::too_many_arguments)]
 fn open_saved_toc(
     engine: &FetchEngine,
     cache: &ChunkCache,
@@ -181,36 +263,53 @@ fn open_saved_toc(
     reader: &ReaderConfig,
     source: &SourceConfig,
     local_dir: &Path,
+    want: TocFormat,
 ) -> Option<OpenedLayer> {
     let path = saved_toc_path(local_dir, &desc.digest);
     let data = std::fs::read(&path).ok()?;
-    let parsed = (|| {
-        let start = u64::from_le_bytes(data.get(..8)?.try_into().ok()?);
-        let tail = bytes::Bytes::copy_from_slice(data.get(8..)?);
-        let expected = expected_toc(desc).ok()?;
-        let opened = estargz::open_toc(&tail, start, desc.size, expected.as_ref(), reader).ok()?;
-        Some((start, tail, opened))
+    let blob = || engine.blob(reference, desc.digest, Some(desc.size));
+    let opened = (|| {
+        let (format, start, tail) = parse_saved_toc(&data)?;
+        if format != want {
+            return None;
+        }
+        Some(match format {
+            TocFormat::Estargz => {
+                let expected = expected_toc(desc).ok()?;
+                let o =
+                    estargz::open_toc(&tail, start, desc.size, expected.as_ref(), reader).ok()?;
+                lazy_layer(
+                    o.layer,
+                    blob(),
+                    cache,
+                    Compression::Gzip,
+                    source.clone(),
+                    o.prefetch,
+                    o.toc_digest,
+                    (start, tail),
+                )
+            }
+            TocFormat::ZstdChunked => {
+                let hint = TocHint::from_annotations(&desc.annotations).ok()?;
+                let o = zstd_chunked::open_toc(&tail, start, desc.size, &hint, reader).ok()?;
+                lazy_layer(
+                    o.layer,
+                    blob(),
+                    cache,
+                    Compression::Zstd,
+                    source.clone(),
+                    o.prefetch,
+                    o.manifest_checksum,
+                    (start, tail),
+                )
+            }
+        })
     })();
-    let Some((start, tail, opened)) = parsed else {
+    if opened.is_none() {
         tracing::warn!(layer = %desc.digest, path = %path.display(), "saved TOC is unusable; reading it from the registry again");
         let _ = std::fs::remove_file(&path);
-        return None;
-    };
-    let source = LayerSource::new(
-        Arc::new(opened.layer),
-        engine.blob(reference, desc.digest, Some(desc.size)),
-        cache.clone(),
-        Compression::Gzip,
-        source.clone(),
-        tokio::runtime::Handle::current(),
-    );
-    source.seed(start, tail);
-    Some(OpenedLayer {
-        source,
-        prefetch: opened.prefetch,
-        toc_digest: opened.toc_digest,
-        served: Served::Lazy,
-    })
+    }
+    opened
 }
 
 /// [`open_estargz`], also returning the tail read (its start offset and bytes).
@@ -229,20 +328,14 @@ async fn open_estargz_tail(
     let fetch = |source| OpenError::Fetch { layer, source };
     let tail_len = estargz::tail_read_len(desc.size).min(desc.size);
     let mut start = desc.size - tail_len;
-    let mut tail = blob
-        .read_at(start, tail_len, Priority::OnDemand)
-        .await
-        .map_err(fetch)?;
+    let mut tail = blob.read_toc_at(start, tail_len).await.map_err(fetch)?;
     let mut tries = 0;
     let opened = loop {
         match estargz::open_toc(&tail, start, desc.size, expected.as_ref(), reader) {
             Ok(o) => break o,
             Err(EstargzError::NeedMore { from }) if tries == 0 && from < start => {
                 tries += 1;
-                let more = blob
-                    .read_at(from, start - from, Priority::OnDemand)
-                    .await
-                    .map_err(fetch)?;
+                let more = blob.read_toc_at(from, start - from).await.map_err(fetch)?;
                 let mut joined = Vec::with_capacity(more.len() + tail.len());
                 joined.extend_from_slice(&more);
                 joined.extend_from_slice(&tail);
@@ -252,38 +345,148 @@ async fn open_estargz_tail(
             Err(source) => return Err(OpenError::Toc { layer, source }),
         }
     };
-    let runtime = tokio::runtime::Handle::current();
-    let source = LayerSource::new(
-        Arc::new(opened.layer),
+    let opened = lazy_layer(
+        opened.layer,
         blob,
-        cache.clone(),
+        cache,
         Compression::Gzip,
         source,
-        runtime,
+        opened.prefetch,
+        opened.toc_digest,
+        (start, tail.clone()),
     );
-    source.seed(start, tail.clone());
-    Ok((
-        OpenedLayer {
-            source,
-            prefetch: opened.prefetch,
-            toc_digest: opened.toc_digest,
-            served: Served::Lazy,
-        },
-        start,
-        tail,
-    ))
+    Ok((opened, start, tail))
 }
 
-/// Opens any layer of an image: lazily when it is eStargz, otherwise by a verified whole-layer
-/// fetch into a local eStargz copy under `local_dir` (see [`crate::local`]).
+/// Layers up to this size are read whole when their TOC is read: one request instead of two or
+/// more, and every chunk is then cached from it (the layer is complete at once).
+const SMALL_LAYER: u64 = 1 << 20;
+
+/// Opens a zstd:chunked layer: one read of exactly the compressed TOC that the
+/// manifest-position annotation names (of the whole blob when it is small), verified against
+/// the manifest-checksum annotation. Without annotations the TOC is found through the footer
+/// (one more small read), as containers/storage itself never does: a layer whose annotations
+/// were dropped by a tool in between is still read lazily.
+pub async fn open_zstd_chunked(
+    engine: &FetchEngine,
+    cache: &ChunkCache,
+    reference: &Reference,
+    desc: &LayerDescriptor,
+    reader: &ReaderConfig,
+    source: SourceConfig,
+) -> Result<OpenedLayer, OpenError> {
+    open_zstd_chunked_tail(engine, cache, reference, desc, reader, source, None)
+        .await
+        .map(|(opened, _, _)| opened)
+}
+
+/// [`open_zstd_chunked`], also returning the bytes read (start offset and bytes); `probe` is
+/// the blob's tail when the caller already read it to look for a footer.
+async fn open_zstd_chunked_tail(
+    engine: &FetchEngine,
+    cache: &ChunkCache,
+    reference: &Reference,
+    desc: &LayerDescriptor,
+    reader: &ReaderConfig,
+    source: SourceConfig,
+    probe: Option<Bytes>,
+) -> Result<(OpenedLayer, u64, Bytes), OpenError> {
+    let layer = desc.digest;
+    let size = desc.size;
+    let toc_err = |source| OpenError::ZstdChunked { layer, source };
+    let fetch = |source| OpenError::Fetch { layer, source };
+    let hint = TocHint::from_annotations(&desc.annotations).map_err(toc_err)?;
+    let blob = engine.blob(reference, desc.digest, Some(size));
+    // The footer probe, when it already holds everything needed.
+    let mut have: Option<Bytes> = None;
+    let start = match (hint.toc.is_some(), hint.toc_range(size)) {
+        (true, Some(_)) if size <= SMALL_LAYER => 0,
+        (true, Some((start, _))) => start,
+        // A position that does not fit the blob: let the reader say what is wrong.
+        (true, None) => {
+            return Err(toc_err(
+                zstd_chunked::open_toc(&[], 0, size, &hint, reader)
+                    .err()
+                    .unwrap_or(ZstdChunkedError::ShortData { have: 0, need: 0 }),
+            ))
+        }
+        (false, _) => {
+            // No position: the footer says where the TOC is; read from there to the end (TOC,
+            // tar-split and footer), so the saved bytes reopen the same way.
+            let tail = match probe {
+                Some(p) => p,
+                None => {
+                    let len = (zstd_chunked::FOOTER_PROBE_LEN as u64).min(size);
+                    blob.read_toc_at(size - len, len).await.map_err(fetch)?
+                }
+            };
+            // The reader checks the footer's position and sizes against the limits first and
+            // says from where to read.
+            let tail_start = size - tail.len() as u64;
+            let from = match zstd_chunked::open_toc(&tail, tail_start, size, &hint, reader) {
+                Ok(_) => {
+                    have = Some(tail.clone());
+                    tail_start
+                }
+                Err(ZstdChunkedError::NeedMore { from }) => from,
+                Err(e) => return Err(toc_err(e)),
+            };
+            let limit = reader
+                .max_toc_bytes
+                .saturating_mul(2)
+                .saturating_add(zstd_chunked::FOOTER_PROBE_LEN as u64);
+            if size - from > limit {
+                return Err(toc_err(ZstdChunkedError::TooLarge {
+                    what: "TOC, tar-split and footer (as located by the footer)",
+                    size: size - from,
+                    limit,
+                }));
+            }
+            if size <= SMALL_LAYER && tail_start > 0 {
+                have = None;
+                0
+            } else {
+                from
+            }
+        }
+    };
+    let end = match hint.toc_range(size) {
+        Some((_, end)) if hint.toc.is_some() && size > SMALL_LAYER => end,
+        _ => size,
+    };
+    let data = match have {
+        Some(tail) => tail,
+        None => blob.read_toc_at(start, end - start).await.map_err(fetch)?,
+    };
+    let opened = zstd_chunked::open_toc(&data, start, size, &hint, reader).map_err(toc_err)?;
+    if opened.from_footer {
+        tracing::info!(layer = %layer, "zstd:chunked layer without annotations: TOC found through its footer");
+    }
+    let lazy = lazy_layer(
+        opened.layer,
+        blob,
+        cache,
+        Compression::Zstd,
+        source,
+        opened.prefetch,
+        opened.manifest_checksum,
+        (start, data.clone()),
+    );
+    Ok((lazy, start, data))
+}
+
+/// Opens any layer of an image: lazily when it is eStargz or zstd:chunked, otherwise by a
+/// verified whole-layer fetch into a local eStargz copy under `local_dir` (see
+/// [`crate::local`]).
 ///
 /// - A valid local copy made earlier is used first, with no registry access at all (a daemon
 ///   restoring its mounts must not need the registry).
 /// - gzip layers with the TOC digest annotation, or whose footer parses, go through
 ///   [`open_estargz`]; if their TOC turns out unusable, the layer falls back to the whole
 ///   fetch (logged with the reason) rather than failing the pull.
-/// - zstd (also zstd:chunked, not read lazily yet), uncompressed and footer-less gzip layers
-///   take the whole fetch.
+/// - zstd layers with zstd:chunked annotations, or whose footer is a zstd:chunked footer, go
+///   through [`open_zstd_chunked`], falling back the same way.
+/// - Plain zstd, uncompressed and footer-less gzip layers take the whole fetch.
 /// - Registry errors (unreachable, unauthorized, not found, digest mismatch) are returned as
 ///   [`OpenError::Fetch`], never turned into a fallback: the whole fetch would fail the same
 ///   way. Media types that are not tar layers give [`OpenError::Unsupported`].
@@ -339,6 +542,9 @@ pub async fn open_layer_with_progress(
         return Ok(opened);
     }
     let reason = match compression {
+        // A verified download left by an interrupted conversion: an earlier run already chose
+        // the whole fetch, and finishing it needs no registry at all.
+        _ if local::download_path(local_dir, &layer).exists() => static_reason(compression, desc),
         LayerCompression::Gzip => {
             match try_estargz(
                 engine,
@@ -355,7 +561,23 @@ pub async fn open_layer_with_progress(
                 Err(reason) => reason,
             }
         }
-        LayerCompression::Zstd | LayerCompression::None => static_reason(compression, desc),
+        LayerCompression::Zstd => {
+            match try_zstd_chunked(
+                engine,
+                cache,
+                reference,
+                desc,
+                reader,
+                source.clone(),
+                local_dir,
+            )
+            .await?
+            {
+                Ok(opened) => return Ok(opened),
+                Err(reason) => reason,
+            }
+        }
+        LayerCompression::None => static_reason(compression, desc),
     };
     local::fetch_local(LocalRequest {
         engine: engine.clone(),
@@ -382,7 +604,7 @@ fn static_reason(compression: LayerCompression, desc: &LayerDescriptor) -> Strin
                 .keys()
                 .any(|k| k.contains("zstd-chunked.manifest")) =>
         {
-            format!("zstd:chunked layers are not read lazily yet (media type {mt})")
+            format!("no usable zstd:chunked TOC (media type {mt})")
         }
         LayerCompression::Zstd => format!("no TOC: plain zstd layer (media type {mt})"),
         LayerCompression::None => format!("no TOC: uncompressed tar layer (media type {mt})"),
@@ -401,8 +623,16 @@ async fn try_estargz(
     local_dir: &Path,
 ) -> Result<Result<OpenedLayer, String>, OpenError> {
     let layer = desc.digest;
-    if let Some(opened) = open_saved_toc(engine, cache, reference, desc, reader, &source, local_dir)
-    {
+    if let Some(opened) = open_saved_toc(
+        engine,
+        cache,
+        reference,
+        desc,
+        reader,
+        &source,
+        local_dir,
+        TocFormat::Estargz,
+    ) {
         return Ok(Ok(opened));
     }
     let mt = &desc.media_type;
@@ -418,7 +648,7 @@ async fn try_estargz(
         }
         let tail = engine
             .blob(reference, layer, Some(desc.size))
-            .read_at(desc.size - len, len, Priority::OnDemand)
+            .read_toc_at(desc.size - len, len)
             .await
             .map_err(|source| OpenError::Fetch { layer, source })?;
         match estargz::parse_footer(&tail) {
@@ -437,7 +667,7 @@ async fn try_estargz(
     }
     match open_estargz_tail(engine, cache, reference, desc, reader, source).await {
         Ok((opened, start, tail)) => {
-            save_toc(local_dir, &layer, start, &tail);
+            save_toc(local_dir, &layer, TocFormat::Estargz, start, &tail);
             Ok(Ok(opened))
         }
         Err(e @ OpenError::Fetch { .. }) => Err(e),
@@ -445,6 +675,108 @@ async fn try_estargz(
             tracing::warn!(layer = %layer, error = %e,
                 "eStargz TOC is unusable; falling back to a verified whole-layer fetch");
             Ok(Err(format!("eStargz TOC unusable: {e}")))
+        }
+    }
+}
+
+/// Tries a zstd layer as zstd:chunked. The outer error is a registry failure (returned as is);
+/// the inner `Err` is the reason to fall back to the whole fetch.
+async fn try_zstd_chunked(
+    engine: &FetchEngine,
+    cache: &ChunkCache,
+    reference: &Reference,
+    desc: &LayerDescriptor,
+    reader: &ReaderConfig,
+    source: SourceConfig,
+    local_dir: &Path,
+) -> Result<Result<OpenedLayer, String>, OpenError> {
+    let layer = desc.digest;
+    let mt = &desc.media_type;
+    if let Some(opened) = open_saved_toc(
+        engine,
+        cache,
+        reference,
+        desc,
+        reader,
+        &source,
+        local_dir,
+        TocFormat::ZstdChunked,
+    ) {
+        return Ok(Ok(opened));
+    }
+    let hint = match TocHint::from_annotations(&desc.annotations) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(layer = %layer, error = %e,
+                "zstd:chunked annotations are unusable; falling back to a verified whole-layer fetch");
+            return Ok(Err(format!(
+                "zstd:chunked annotations unusable: {e} (media type {mt})"
+            )));
+        }
+    };
+    let mut probe = None;
+    if hint.toc.is_none() {
+        // No position annotation: one small read of the footer tells zstd:chunked from plain
+        // zstd before anything larger is read.
+        let plain =
+            || format!("no TOC: plain zstd layer without a zstd:chunked footer (media type {mt})");
+        let len = (zstd_chunked::FOOTER_PROBE_LEN as u64).min(desc.size);
+        if len < 48 {
+            return Ok(Err(plain()));
+        }
+        let tail = engine
+            .blob(reference, layer, Some(desc.size))
+            .read_toc_at(desc.size - len, len)
+            .await
+            .map_err(|source| OpenError::Fetch { layer, source })?;
+        if zstd_chunked::parse_footer(&tail).is_err() {
+            return Ok(Err(plain()));
+        }
+        probe = Some(tail);
+    }
+    match open_zstd_chunked_tail(engine, cache, reference, desc, reader, source, probe).await {
+        Ok((opened, start, data)) => {
+            save_toc(local_dir, &layer, TocFormat::ZstdChunked, start, &data);
+            Ok(Ok(opened))
+        }
+        Err(e @ OpenError::Fetch { .. }) => Err(e),
+        Err(e) => {
+            tracing::warn!(layer = %layer, error = %e,
+                "zstd:chunked TOC is unusable; falling back to a verified whole-layer fetch");
+            Ok(Err(format!("zstd:chunked TOC unusable: {e}")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_toc_files_are_tagged_and_legacy_ones_read_as_estargz() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = Digest::sha256_of(b"layer");
+        for format in [TocFormat::Estargz, TocFormat::ZstdChunked] {
+            save_toc(dir.path(), &layer, format, 1234, b"toc bytes");
+            let data = std::fs::read(saved_toc_path(dir.path(), &layer)).unwrap();
+            let (f, start, bytes) = parse_saved_toc(&data).unwrap();
+            assert_eq!((f, start, &bytes[..]), (format, 1234, &b"toc bytes"[..]));
+        }
+        // Written before formats were tagged: offset, then an eStargz tail.
+        let mut legacy = 77u64.to_le_bytes().to_vec();
+        legacy.extend_from_slice(b"tail");
+        let (f, start, bytes) = parse_saved_toc(&legacy).unwrap();
+        assert_eq!(
+            (f, start, &bytes[..]),
+            (TocFormat::Estargz, 77, &b"tail"[..])
+        );
+        // Unknown format or version, truncated: unusable.
+        for bad in [
+            &b"LPTOC\0\x09\x01\0\0\0\0\0\0\0\0"[..],
+            b"LPTOC\0\x02\x07",
+            b"short",
+        ] {
+            assert!(parse_saved_toc(bad).is_none(), "{bad:?}");
         }
     }
 }

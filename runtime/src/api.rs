@@ -94,6 +94,11 @@ pub enum Request {
     Prune,
     /// Daemon, kernel and cache facts.
     Info,
+    /// Per-image, per-layer data path statistics.
+    Stats {
+        /// An image reference, a layer digest (prefix), or all when `None`.
+        target: Option<String>,
+    },
     /// Stop the daemon (refused while containers run unless `force`).
     Shutdown {
         /// Stop even while containers run (their files become unreachable).
@@ -237,4 +242,68 @@ pub async fn request(
         }
     }
     bail!("the lazypull daemon closed the connection without answering (did it crash? see its log)")
+}
+
+/// Bytes or requests by why they were fetched.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ByReason {
+    /// A process was blocked on the read.
+    pub on_demand: u64,
+    /// Read-ahead and the prefetch list.
+    pub prefetch: u64,
+    /// Background fill.
+    pub background: u64,
+    /// The table of contents.
+    pub toc: u64,
+}
+
+/// A read that took long, with the file it was in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SlowReadInfo {
+    /// Path inside the layer.
+    pub path: String,
+    /// Offset in the file.
+    pub offset: u64,
+    /// Bytes asked for.
+    pub len: u32,
+    /// Time to answer.
+    pub seconds: f64,
+}
+
+/// One mounted layer's data path, for `lazypull stats`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerStats {
+    /// Compressed digest.
+    pub digest: String,
+    /// Compressed size.
+    pub size: u64,
+    /// `lazy` or `local` (fetched whole).
+    pub served: String,
+    /// Chunks in the layer.
+    pub chunks: u64,
+    /// Of those, in the local cache.
+    pub chunks_cached: u64,
+    /// `chunks_cached` as a percentage (100 for local layers).
+    pub percent_cached: f64,
+    /// Registry bytes by reason.
+    pub fetched_bytes: ByReason,
+    /// Registry requests by reason.
+    pub requests: ByReason,
+    /// Average background fill rate since the layer was mounted, bytes per second.
+    pub fill_rate: f64,
+    /// Chunks whose digest did not match (each refetched or failed).
+    pub digest_mismatches: u64,
+    /// The reads that waited longest.
+    pub slowest_reads: Vec<SlowReadInfo>,
+}
+
+/// An image and its layers' statistics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageStats {
+    /// Reference.
+    pub reference: String,
+    /// Manifest digest.
+    pub digest: String,
+    /// Layers, base first.
+    pub layers: Vec<LayerStats>,
 }

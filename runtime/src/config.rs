@@ -67,6 +67,10 @@ pub struct FileConfig {
     pub runtime: Option<String>,
     /// Log format.
     pub log_format: Option<LogFormat>,
+    /// Prometheus endpoint address (`host:port`); empty or absent: off.
+    pub metrics_address: Option<String>,
+    /// containerd snapshotter socket; empty disables the snapshotter.
+    pub snapshotter_socket: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -116,6 +120,10 @@ pub struct Settings {
     pub runtime: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// Prometheus endpoint (`host:port`), if any.
+    pub metrics_address: Option<String>,
+    /// The containerd snapshotter's unix socket (`proxy_plugins`); `None` when disabled.
+    pub snapshotter_socket: Option<PathBuf>,
 }
 
 /// The command-line side of [`Settings`]: `None` means "not given on the command line".
@@ -175,6 +183,17 @@ pub struct SettingsArgs {
     /// Log format on stderr and in the daemon log [default: text].
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormat>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics from the daemon, e.g. 127.0.0.1:9880
+    /// [default: off].
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub metrics_address: Option<String>,
+
+    /// Unix socket on which the daemon serves containerd's snapshots API (name it in
+    /// containerd's `[proxy_plugins.lazypull]`); an empty value disables it
+    /// [default: /run/lazypull/snapshotter.sock].
+    #[arg(long, global = true, value_name = "SOCKET")]
+    pub snapshotter_socket: Option<String>,
 }
 
 impl SettingsArgs {
@@ -230,6 +249,19 @@ impl SettingsArgs {
                 .log_format
                 .or(file.log_format)
                 .unwrap_or(LogFormat::Text),
+            metrics_address: self
+                .metrics_address
+                .clone()
+                .or(file.metrics_address)
+                .filter(|a| !a.is_empty()),
+            snapshotter_socket: Some(
+                self.snapshotter_socket
+                    .clone()
+                    .map(PathBuf::from)
+                    .or(file.snapshotter_socket)
+                    .unwrap_or_else(|| PathBuf::from("/run/lazypull/snapshotter.sock")),
+            )
+            .filter(|p| !p.as_os_str().is_empty()),
         }
     }
 }
@@ -263,6 +295,17 @@ impl Settings {
                 LogFormat::Json => "json".to_string(),
             },
         ];
+        if let Some(m) = &self.metrics_address {
+            a.push("--metrics-address".to_string());
+            a.push(m.clone());
+        }
+        a.push("--snapshotter-socket".to_string());
+        a.push(
+            self.snapshotter_socket
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        );
         for d in &self.hosts_dir {
             a.push("--hosts-dir".to_string());
             a.push(d.display().to_string());
@@ -331,10 +374,20 @@ mod tests {
             insecure_registries: vec!["127.0.0.1:5000".into()],
             runtime: "/usr/sbin/runc".into(),
             log_format: LogFormat::Json,
+            metrics_address: Some("127.0.0.1:9880".into()),
+            snapshotter_socket: Some("/r/snap.sock".into()),
         };
         let mut argv = vec!["x".to_string()];
         argv.extend(s.to_args());
         let t = T::try_parse_from(argv).unwrap();
         assert_eq!(t.s.resolve().unwrap(), s);
+        let off = Settings {
+            snapshotter_socket: None,
+            ..s
+        };
+        let mut argv = vec!["x".to_string()];
+        argv.extend(off.to_args());
+        let t = T::try_parse_from(argv).unwrap();
+        assert_eq!(t.s.resolve().unwrap(), off);
     }
 }

@@ -8,6 +8,7 @@
 mod api;
 mod cli;
 mod config;
+mod convert;
 mod daemon;
 mod runtime;
 mod spec;

@@ -37,6 +37,8 @@ pub struct TestContainerd {
     dir: Option<TempDir>,
     child: Option<Child>,
     pid: u32,
+    /// Extra config appended to `config.toml` (proxy plugins).
+    extra_config: String,
 }
 
 impl std::fmt::Debug for TestContainerd {
@@ -97,6 +99,20 @@ impl TestContainerd {
     /// most) until `ctr --address SOCK version` succeeds. Panics with the log tail if it does
     /// not, and with an install hint if `containerd`, `ctr` or `ctr-remote` is missing.
     pub fn start() -> TestContainerd {
+        Self::start_with_config("")
+    }
+
+    /// [`TestContainerd::start`] with a snapshotter proxy plugin: `[proxy_plugins.NAME]` of
+    /// type `snapshot` at `socket` (the process serving it may start before or after).
+    pub fn start_with_proxy_snapshotter(name: &str, socket: &Path) -> TestContainerd {
+        Self::start_with_config(&format!(
+            "\n[proxy_plugins]\n  [proxy_plugins.{name}]\n    type = \"snapshot\"\n    \
+             address = \"{}\"\n",
+            socket.display()
+        ))
+    }
+
+    fn start_with_config(extra_config: &str) -> TestContainerd {
         let containerd = binary("containerd", "containerd");
         let ctr = binary("ctr", "containerd");
         binary("ctr-remote", "stargz-snapshotter");
@@ -108,6 +124,7 @@ impl TestContainerd {
             dir: Some(dir),
             child: None,
             pid: 0,
+            extra_config: extra_config.to_string(),
         };
         let socket = this.socket();
         assert!(
@@ -189,6 +206,7 @@ impl TestContainerd {
             socket = self.socket().display(),
             opt = dir.join("opt").display(),
         );
+        let config = config + &self.extra_config;
         std::fs::write(self.config_path(), config).expect("write containerd config.toml");
     }
 
@@ -266,6 +284,26 @@ impl TestContainerd {
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()))
+    }
+
+    /// Runs `ctr --address SOCK --namespace lazypull-test ARGS` (containerd's own client) and
+    /// returns its output (whatever the exit status; check it).
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        let bin = binary("ctr", "containerd");
+        Command::new(&bin)
+            .arg("--address")
+            .arg(self.socket())
+            .arg("--namespace")
+            .arg(NAMESPACE)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()))
+    }
+
+    /// The daemon's root directory (`root` in its config).
+    pub fn root_dir(&self) -> PathBuf {
+        self.root()
     }
 
     /// SIGTERM, up to [`STOP_TIMEOUT`] for the daemon to exit, then SIGKILL; reaps it.

@@ -32,6 +32,11 @@ impl Lazypull {
         self.root.path().join("lazypull.sock")
     }
 
+    /// The daemon's containerd snapshotter socket (for `[proxy_plugins]`).
+    pub fn snapshotter_socket(&self) -> PathBuf {
+        self.root.path().join("snapshotter.sock")
+    }
+
     /// A command with this instance's global flags, ready for arguments.
     pub fn command(&self) -> Command {
         let mut c = Command::new(&self.bin);
@@ -43,6 +48,9 @@ impl Lazypull {
             .arg(self.socket())
             .arg("--hosts-dir")
             .arg(self.root.path().join("no-hosts"))
+            // Each instance serves its containerd snapshotter on its own socket.
+            .arg("--snapshotter-socket")
+            .arg(self.snapshotter_socket())
             .args(&self.extra)
             .env("RUST_LOG", "info");
         c

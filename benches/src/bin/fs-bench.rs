@@ -15,8 +15,9 @@
 //!   dropped before each read. Both should be served by FUSE passthrough once cached.
 //! - Metadata walk: readdir + lstat of every entry of the mounted image against the same layers
 //!   extracted to local disk and stacked with overlayfs; cold and warm.
-//! - Memory: resident set of the mount server after mounting the image, after the import
-//!   workload, and after the metadata walks, against 300 bytes per entry + 8 MiB per layer.
+//! - Memory: resident set of the daemon (`lazypull serve`, which serves the mounts) after
+//!   mounting the image, after the import workload, and after the metadata walks, against 300
+//!   bytes per entry + 8 MiB per layer.
 //!
 //! Absolute numbers drift on a shared machine; the ratios measured in one run are what to
 //! compare (DESIGN section 6 gives the targets).
@@ -27,10 +28,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use lazypull_benches::{arg, median, mib_per_sec};
+use lazypull_benches::{arg, drop_caches, lazypull_binary, load_average, median, mib_per_sec};
 use lazypull_fs::estargz::{parse_footer, write_estargz, Footer, WriterOptions};
 use lazypull_tests::images::{entry_point_files, realistic_layers};
-use lazypull_tests::{random_bytes, CountingProxy, Digest, ImageSpec, Layer, TestRegistry};
+use lazypull_tests::{
+    random_bytes, CountingProxy, Digest, ImageSpec, Layer, Lazypull, TestRegistry,
+};
 
 const TOC_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
 const ESTARGZ_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
@@ -40,7 +43,7 @@ const SMALL_READS: usize = 50;
 
 fn main() {
     let runs = arg("--runs").unwrap_or(3).max(1) as usize;
-    let Some(bin) = lazypull_binary() else {
+    let Some(bin) = lazypull_binary("fs-bench") else {
         std::process::exit(2);
     };
     if !drop_caches() {
@@ -52,46 +55,6 @@ fn main() {
         "load average at the end: {} (other work on the machine skews the absolute figures)",
         load_average()
     );
-}
-
-/// The 1, 5 and 15 minute load averages.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-/// `LAZYPULL_BIN`, else `target/release/lazypull` of this workspace; says what it found.
-fn lazypull_binary() -> Option<PathBuf> {
-    let path = match std::env::var_os("LAZYPULL_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-            target.join("release/lazypull")
-        }
-    };
-    match std::fs::metadata(&path) {
-        Ok(m) => {
-            let age = m
-                .modified()
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .map(|d| format!(", built {} min ago", d.as_secs() / 60))
-                .unwrap_or_default();
-            println!("lazypull binary: {}{age}", path.display());
-            Some(path)
-        }
-        Err(_) => {
-            eprintln!(
-                "fs-bench: no lazypull binary at {}: build it first with \
-                 `cargo build --release -p lazypull`, or set LAZYPULL_BIN",
-                path.display()
-            );
-            None
-        }
-    }
 }
 
 /// The prepared registry content.
@@ -266,7 +229,7 @@ fn count_entries(tars: &[Vec<u8>]) -> usize {
         .sum()
 }
 
-/// Memory of the mount server seen during the first cold-start run: `(VmRSS, RssAnon)`.
+/// Memory of the daemon seen during the first cold-start run: `(VmRSS, RssAnon)`.
 #[derive(Default)]
 struct Memory {
     after_mount: (u64, u64),
@@ -293,7 +256,7 @@ fn cold_start(bin: &Path, runs: usize, images: &Images, entry: &[String]) -> Mem
             let mounted = start.elapsed();
             let mount_bytes = proxy.total_body_bytes();
             if run == 0 && tag == "lazy" {
-                memory.after_mount = lp.server_memory();
+                memory.after_mount = lp.daemon_memory();
             }
             let (read, per_file) = read_files(mnt.path(), entry);
             let total = start.elapsed();
@@ -302,9 +265,9 @@ fn cold_start(bin: &Path, runs: usize, images: &Images, entry: &[String]) -> Mem
                 details.push((tag, mount_bytes, per_file, range_stats(&proxy.requests())));
             }
             if run == 0 && tag == "lazy" {
-                memory.after_workload = lp.server_memory();
+                memory.after_workload = lp.daemon_memory();
                 std::thread::sleep(Duration::from_secs(5));
-                memory.after_idle = lp.server_memory();
+                memory.after_idle = lp.daemon_memory();
             }
             lp.umount(mnt.path());
         }
@@ -642,7 +605,7 @@ fn metadata_walk_and_memory(
         &format!("{}/bench/realistic:lazy", images.registry.host()),
         mnt.path(),
     );
-    let rss_mounted = lp.server_memory();
+    let rss_mounted = lp.daemon_memory();
     drop_caches();
     let (cold_m, n_m) = timed_walk(mnt.path());
     let (cold_l, n_l) = timed_walk(&merged);
@@ -667,14 +630,14 @@ fn metadata_walk_and_memory(
         wl.as_secs_f64() * 1e3,
         wm.as_secs_f64() / wl.as_secs_f64()
     );
-    let rss_walked = lp.server_memory();
+    let rss_walked = lp.daemon_memory();
     lp.umount(mnt.path());
     drop(overlay);
 
     let layers = images.tars.len() as u64;
     let budget = 300 * files as u64 + layers * (8 << 20);
     println!(
-        "mount server memory (VmRSS), {files} entries in {layers} layers; budget 300 B/entry + \
+        "daemon memory (VmRSS), {files} entries in {layers} layers; budget 300 B/entry + \
          8 MiB/layer = {:.1} MiB:",
         budget as f64 / (1 << 20) as f64
     );
@@ -683,7 +646,7 @@ fn metadata_walk_and_memory(
         ("after mount", memory.after_mount),
         ("after the import workload", memory.after_workload),
         ("same, 5 s later", memory.after_idle),
-        ("after mount (2nd server)", rss_mounted),
+        ("after mount (2nd daemon)", rss_mounted),
         ("after the metadata walks", rss_walked),
     ] {
         println!(
@@ -778,136 +741,4 @@ fn run_ok(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// Writes back dirty pages and drops the page, dentry and inode caches; false when not allowed.
-fn drop_caches() -> bool {
-    let _ = Command::new("sync").status();
-    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
-}
-
-/// The `lazypull` binary under a private `--root`; on drop it unmounts what it mounted, waits
-/// for the mount server to exit, and kills it by PID if it does not.
-struct Lazypull {
-    bin: PathBuf,
-    root: tempfile::TempDir,
-    extra: Vec<String>,
-    mounted: Vec<PathBuf>,
-}
-
-impl Lazypull {
-    fn new(bin: &Path, extra: &[&str]) -> Lazypull {
-        Lazypull {
-            bin: bin.to_path_buf(),
-            root: tempfile::tempdir().expect("tempdir"),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            mounted: Vec::new(),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Output {
-        Command::new(&self.bin)
-            .arg("--root")
-            .arg(self.root.path())
-            .arg("--hosts-dir")
-            .arg(self.root.path().join("no-hosts"))
-            .args(&self.extra)
-            .args(args)
-            .output()
-            .expect("running lazypull")
-    }
-
-    fn mount(&mut self, image: &str, dir: &Path) {
-        let out = self.cmd(&["mount", image, &dir.display().to_string()]);
-        assert!(
-            out.status.success(),
-            "lazypull mount failed: {}\nserver log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        self.mounted.push(dir.to_path_buf());
-    }
-
-    fn umount(&mut self, dir: &Path) {
-        let out = self.cmd(&["umount", &dir.display().to_string()]);
-        assert!(
-            out.status.success(),
-            "lazypull umount failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        self.mounted.retain(|d| d != dir);
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.root.path().join("mount-server.log")).unwrap_or_default()
-    }
-
-    fn wait_complete(&self, timeout: Duration) {
-        let start = Instant::now();
-        loop {
-            let out = self.cmd(&["mounts"]);
-            if String::from_utf8_lossy(&out.stdout).contains("\tcomplete") {
-                return;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "layers not complete after {timeout:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// PID of this root's mount server, from `/proc/*/cmdline`.
-    fn server_pid(&self) -> Option<u32> {
-        let root = self.root.path().to_string_lossy().into_owned();
-        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            let has = |s: &[u8]| args.contains(&s);
-            (has(b"mount-server") && has(root.as_bytes())).then_some(pid)
-        })
-    }
-
-    /// The mount server's `(VmRSS, RssAnon)` in bytes (zeros when it is not running).
-    fn server_memory(&self) -> (u64, u64) {
-        let status = self
-            .server_pid()
-            .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-            .unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .map_or(0, |kb| kb * 1024)
-        };
-        (field("VmRSS:"), field("RssAnon:"))
-    }
-}
-
-impl Drop for Lazypull {
-    fn drop(&mut self) {
-        for d in self.mounted.clone() {
-            let _ = self.cmd(&["umount", &d.display().to_string()]);
-        }
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let root = self.root.path().to_string_lossy().into_owned();
-        for line in mounts.lines() {
-            if let Some(mp) = line.split_whitespace().nth(4) {
-                if mp.starts_with(&root) || self.mounted.iter().any(|d| d.to_str() == Some(mp)) {
-                    let _ = Command::new("umount").arg("-l").arg(mp).status();
-                }
-            }
-        }
-        let start = Instant::now();
-        while self.server_pid().is_some() && start.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if let Some(pid) = self.server_pid() {
-            eprintln!("fs-bench: mount server {pid} did not exit; killing it");
-            let _ = Command::new("kill").arg(pid.to_string()).status();
-        }
-    }
 }

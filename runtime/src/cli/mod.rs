@@ -1,6 +1,8 @@
 //! Command-line definitions and the client side of every command.
 
+mod convert;
 mod daemon_client;
+mod rpull;
 mod run;
 
 use std::io::Write;
@@ -13,7 +15,7 @@ use lazypull_fetcher::credentials::CredentialStore;
 use lazypull_fetcher::hosts::HostsConfig;
 use lazypull_fetcher::{Digest, Platform, Reference, Registry, RegistryConfig};
 
-use crate::api::{ContainerInfo, ImageInfo, MountInfo, Request};
+use crate::api::{ContainerInfo, ImageInfo, ImageStats, MountInfo, Request};
 use crate::config::{LogFormat, Settings, SettingsArgs};
 use crate::daemon::human_bytes;
 pub use daemon_client::{call, ensure_daemon};
@@ -56,6 +58,12 @@ pub enum Command {
     },
     /// Run a command in a new container, its image pulled lazily if needed.
     Run(Box<run::RunArgs>),
+    /// Pull an image into containerd lazily through the lazypull snapshotter: manifest and
+    /// config into containerd's content store, layers as remote snapshots (layers without a
+    /// TOC are downloaded and applied by containerd), and the image record. Then
+    /// `ctr run --snapshotter lazypull IMAGE ID CMD` starts it. containerd's socket is given
+    /// with --containerd-address (the global --address is lazypull's own socket).
+    Rpull(Box<rpull::RpullArgs>),
     /// List containers (running ones; `-a` for all).
     #[command(alias = "ls")]
     Ps {
@@ -112,6 +120,14 @@ pub enum Command {
     },
     /// Remove layer data no image uses, and report cache use against its budget.
     Prune,
+    /// Per image and layer: bytes fetched by reason, share cached, fill rate, slowest reads.
+    Stats {
+        /// An image reference, or a layer digest (prefix); default: every image.
+        target: Option<String>,
+        /// Print JSON (the same numbers as the Prometheus metrics).
+        #[arg(long)]
+        json: bool,
+    },
     /// Versions, kernel features (FUSE, passthrough, overlayfs), daemon and cache state.
     Info {
         /// Print JSON.
@@ -146,6 +162,8 @@ pub enum Command {
         #[arg(long)]
         platform: Option<String>,
     },
+    /// Rewrite an image's layers as eStargz (or zstd:chunked) and push it. Needs no daemon.
+    Convert(Box<convert::ConvertArgs>),
     /// Download one blob of an image's repository, verified against its digest. Needs no daemon.
     Fetch {
         /// Image reference naming the repository.
@@ -234,6 +252,10 @@ pub async fn execute(cli: Cli, settings: Settings) -> Result<u8> {
             }
         }
         Command::Run(args) => return run::run(s, *args).await,
+        Command::Rpull(args) => {
+            ensure_daemon(s).await?;
+            rpull::rpull(s, *args).await?;
+        }
         Command::ContainerShim { id, rm } => return run::shim(s, &id, rm).await,
         Command::Ps { all, quiet, json } => {
             ensure_daemon(s).await?;
@@ -328,6 +350,12 @@ pub async fn execute(cli: Cli, settings: Settings) -> Result<u8> {
             println!("{}", r.message.unwrap_or_default());
         }
         Command::Info { json } => info(s, json).await?,
+        Command::Stats { target, json } => {
+            ensure_daemon(s).await?;
+            let list: Vec<ImageStats> =
+                call(s, &Request::Stats { target }, false).await?.decode()?;
+            print_stats(&list, json)?;
+        }
         Command::Mount {
             image,
             dir,
@@ -371,6 +399,7 @@ pub async fn execute(cli: Cli, settings: Settings) -> Result<u8> {
             }
         }
         Command::Inspect { image, platform } => inspect(s, &image, platform.as_deref()).await?,
+        Command::Convert(args) => return convert::run(s, *args).await,
         Command::Fetch {
             image,
             digest,
@@ -503,6 +532,52 @@ fn print_images(list: &[ImageInfo], quiet: bool, json: bool) -> Result<()> {
             human_bytes(i.size),
             i.layers
         )?;
+    }
+    Ok(())
+}
+
+fn print_stats(list: &[ImageStats], json: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(list)?)?;
+        return Ok(());
+    }
+    for image in list {
+        writeln!(out, "{} ({})", image.reference, image.digest)?;
+        writeln!(
+            out,
+            "  {:<21}{:>10}{:>8}{:>11}{:>11}{:>11}{:>9}{:>12}",
+            "LAYER", "SIZE", "CACHED", "ON-DEMAND", "PREFETCH", "BACKGROUND", "TOC", "FILL RATE"
+        )?;
+        for l in &image.layers {
+            let short: String = l.digest.chars().take(19).collect();
+            let served = if l.served == "local" {
+                " (fetched whole)"
+            } else {
+                ""
+            };
+            writeln!(
+                out,
+                "  {short:<21}{:>10}{:>7.1}%{:>11}{:>11}{:>11}{:>9}{:>10}/s{served}",
+                human_bytes(l.size),
+                l.percent_cached,
+                human_bytes(l.fetched_bytes.on_demand),
+                human_bytes(l.fetched_bytes.prefetch),
+                human_bytes(l.fetched_bytes.background),
+                human_bytes(l.fetched_bytes.toc),
+                human_bytes(l.fill_rate as u64),
+            )?;
+            for r in &l.slowest_reads {
+                writeln!(
+                    out,
+                    "      waited {:>8.1} ms  {} @{} (+{})",
+                    r.seconds * 1000.0,
+                    r.path,
+                    r.offset,
+                    r.len
+                )?;
+            }
+        }
     }
     Ok(())
 }

@@ -26,6 +26,19 @@ pub struct LayerEntry {
     fill: tokio::task::JoinHandle<()>,
     /// Served from a local copy (the layer had no TOC), so always complete.
     pub local: bool,
+    /// The image reference it was first mounted for (its blob's repository).
+    pub reference: Reference,
+    /// Compressed size.
+    pub size: u64,
+    /// When it was mounted.
+    pub mounted_at: std::time::Instant,
+}
+
+impl LayerEntry {
+    /// The FUSE mount's counters.
+    pub fn fs_stats(&self) -> lazypull_fs::fuse::FsStats {
+        self.mount.as_ref().map(|m| m.stats()).unwrap_or_default()
+    }
 }
 
 fn descriptor(l: &LayerRecord) -> Result<LayerDescriptor> {
@@ -76,7 +89,8 @@ pub async fn acquire_all(
             source_config.clone(),
         );
         let local_dir = root.join("local");
-        async move {
+        let span = tracing::info_span!("mount", layer = %d.digest, image = %reference);
+        let open = async move {
             open_layer(
                 &engine,
                 &cache,
@@ -88,7 +102,8 @@ pub async fn acquire_all(
             )
             .await
             .with_context(|| format!("layer {} ({})", d.digest, d.media_type))
-        }
+        };
+        tracing::Instrument::instrument(open, span)
     }))
     .await;
     let mut new_entries = Vec::new();
@@ -97,6 +112,8 @@ pub async fn acquire_all(
         let opened = match opened {
             Ok(o) => o,
             Err(e) => {
+                super::metrics::count_open_failure(&e);
+                tracing::warn!(layer = %desc.digest, image = %reference, error = %format!("{e:#}"), "layer cannot be mounted");
                 failure.get_or_insert(e);
                 continue;
             }
@@ -129,6 +146,9 @@ pub async fn acquire_all(
                         false
                     }
                     Served::Local { reason, .. } => {
+                        super::metrics::FALLBACKS
+                            .with_label_values(&["no_toc"])
+                            .inc();
                         tracing::warn!(
                             layer = %desc.digest,
                             image = %reference,
@@ -159,6 +179,9 @@ pub async fn acquire_all(
                         refs: 0,
                         fill,
                         local,
+                        reference: reference.clone(),
+                        size: desc.size,
+                        mounted_at: std::time::Instant::now(),
                     },
                 ));
             }
@@ -200,6 +223,9 @@ pub async fn acquire_all(
     })
 }
 
+/// How long on-demand reads must have been quiet before a background fill starts.
+const FILL_QUIET: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn spawn_fill(
     source: LayerSource,
     prefetch: Prefetch,
@@ -214,6 +240,17 @@ fn spawn_fill(
         }
         if !background_fill {
             return;
+        }
+        // Start the fill only once the workload's on-demand reads have gone quiet: on a small
+        // machine the fill's downloads and decompression otherwise crowd out the reads a
+        // starting container waits on (measured by run-bench: 1.2x instead of 5x faster
+        // than a full pull when the fill starts at mount).
+        tokio::time::sleep(FILL_QUIET).await;
+        loop {
+            match lazypull_fs::metrics::since_last_on_demand() {
+                Some(q) if q < FILL_QUIET => tokio::time::sleep(FILL_QUIET - q).await,
+                _ => break,
+            }
         }
         match source.fill().await {
             Ok(()) => tracing::info!(layer = %digest, "layer fully cached"),

@@ -10,7 +10,9 @@
 
 mod containers;
 mod layers;
+pub mod metrics;
 pub mod mounts;
+mod snapshots; // containerd snapshotter (issue 6)
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
@@ -175,6 +177,15 @@ pub async fn serve(settings: Settings, registry: Registry, ready: impl FnOnce())
         settings: settings.clone(),
     }));
     restore(&state, old_mounts).await;
+    if let Some(addr) = &settings.metrics_address {
+        let addr: std::net::SocketAddr = addr
+            .parse()
+            .with_context(|| format!("--metrics-address {addr:?} is not HOST:PORT"))?;
+        metrics::serve(addr, state.clone()).await?;
+    }
+
+    // containerd snapshotter: remote snapshots remounted before its socket accepts requests.
+    let snapshotter = snapshots::start(&state, &settings).await?;
 
     let sock = &settings.address;
     if let Some(dir) = sock.parent() {
@@ -220,6 +231,9 @@ pub async fn serve(settings: Settings, registry: Registry, ready: impl FnOnce())
                 refused_at = Some(Instant::now());
             }
         }
+    }
+    if let Some(s) = snapshotter {
+        s.stop().await; // containerd snapshotter (issue 6)
     }
     shutdown(&state).await;
     let _ = std::fs::remove_file(sock);
@@ -336,7 +350,12 @@ async fn execute(
             "version": env!("CARGO_PKG_VERSION"),
         }))),
         Request::Pull { image, platform } => {
-            pull(state, &image, platform.as_deref(), true, events).await
+            let span = tracing::info_span!("pull", image = %image);
+            tracing::Instrument::instrument(
+                pull(state, &image, platform.as_deref(), true, events),
+                span,
+            )
+            .await
         }
         Request::Images => images(state).await,
         Request::Rmi { image, force } => rmi(state, &image, force).await,
@@ -407,6 +426,17 @@ async fn execute(
         Request::Ps => containers::ps(state).await,
         Request::Prune => prune(state).await,
         Request::Info => info(state).await,
+        Request::Stats { target } => {
+            let st = state.lock().await;
+            let stats =
+                tokio::task::block_in_place(|| metrics::image_stats(&st, target.as_deref()));
+            if stats.is_empty() {
+                if let Some(t) = target {
+                    bail!("no image or mounted layer matches {t} (see `lazypull images`)");
+                }
+            }
+            Ok(Reply::data(stats))
+        }
         Request::Shutdown { force } => {
             let running = containers::running(state).await;
             if !running.is_empty() && !force {
@@ -708,6 +738,8 @@ async fn prune(state: &Shared) -> Result<Reply> {
         .values()
         .flat_map(|e| e.record.layers.iter().map(|l| l.digest.clone()))
         .filter_map(|d| d.parse::<Digest>().ok().map(|d| d.hex().to_string()))
+        // Mounted layers are in use too (the containerd snapshotter holds some).
+        .chain(st.layers.keys().map(|d| d.hex().to_string()))
         .collect();
     let mut freed = 0u64;
     let mut removed = 0usize;

@@ -1,0 +1,1980 @@
+//! Reading zstd:chunked: annotations or footer -> compressed TOC -> verified TOC JSON ->
+//! [`crate::toc::Layer`].
+//!
+//! Everything here is pure and synchronous: the caller fetches the bytes holding the TOC (the
+//! range the manifest-position annotation names, or the blob's tail when the annotations are
+//! missing) and hands them over. A hostile blob can at worst produce an error: every size taken
+//! from the blob or the annotations is checked against [`ReaderConfig`] before it is used.
+//!
+//! Two TOC dialects are read: containers/storage's (a `reg` entry's `offset`/`endOffset` span
+//! its frames, `chunk` entries follow it, `chunkType` may be `zeros`) and stargz-snapshotter's
+//! (an eStargz TOC: no `endOffset`, a chunk's frames end where the next one starts, `innerOffset`
+//! and the `.prefetch.landmark` / `.no.prefetch.landmark` entries).
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::io::Read;
+
+use base64::Engine as _;
+use lazypull_fetcher::digest::Verifier;
+use lazypull_fetcher::Digest;
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::Number;
+
+use super::{
+    TarSplitPosition, TocPosition, ZstdChunkedError, FOOTER_MAGIC, FOOTER_SIZE,
+    LEGACY_FOOTER_MAGIC, LEGACY_MANIFEST_CHECKSUM_ANNOTATION, LEGACY_MANIFEST_POSITION_ANNOTATION,
+    MANIFEST_CHECKSUM_ANNOTATION, MANIFEST_POSITION_ANNOTATION, MANIFEST_TYPE_CRFS,
+    PREFETCH_END_KEY, SKIPPABLE_HEADER, SKIPPABLE_MAGIC, TARSPLIT_POSITION_ANNOTATION, ZSTD_MAGIC,
+};
+use crate::estargz::{
+    parse_rfc3339, Prefetch, ReaderConfig, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
+};
+use crate::toc::{split_path, Chunk, Entry, Kind, Layer, LayerBuilder, TocError};
+
+/// Footer payload sizes seen in the wild, largest first: 64 (current, with tar-split fields),
+/// 56 (containers/storage for a while in 2023), 40 (the original; skopeo 1.9,
+/// stargz-snapshotter).
+const FOOTER_SIZES: [usize; 3] = [FOOTER_SIZE, 56, 40];
+
+/// Bytes to read from the end of a blob to find any footer (the largest payload plus its
+/// skippable-frame header).
+pub const FOOTER_PROBE_LEN: usize = FOOTER_SIZE + SKIPPABLE_HEADER as usize;
+
+/// Annotation with the digest of the TOC JSON, which stargz-snapshotter also sets on its
+/// zstd:chunked layers.
+const ESTARGZ_TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+
+/// What the manifest says about a zstd:chunked layer (all optional: a layer whose annotations
+/// were dropped is found by its footer).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TocHint {
+    /// From the manifest-position annotation.
+    pub toc: Option<TocPosition>,
+    /// From the tarsplit-position annotation.
+    pub tar_split: Option<TarSplitPosition>,
+    /// From the manifest-checksum annotation: digest of the compressed TOC.
+    pub manifest_checksum: Option<Digest>,
+    /// From `containerd.io/snapshot/stargz/toc.digest`: digest of the TOC JSON.
+    pub toc_digest: Option<Digest>,
+}
+
+fn annotation<'a>(
+    a: &'a HashMap<String, String>,
+    keys: [&'static str; 2],
+) -> Option<(&'static str, &'a str)> {
+    keys.into_iter()
+        .find_map(|k| a.get(k).map(|v| (k, v.as_str())))
+}
+
+fn parse_numbers<const N: usize>(
+    key: &'static str,
+    value: &str,
+) -> Result<[u64; N], ZstdChunkedError> {
+    let bad = |detail: String| ZstdChunkedError::BadAnnotation {
+        key,
+        value: value.to_string(),
+        detail,
+    };
+    let parts: Vec<&str> = value.split(':').collect();
+    if parts.len() != N {
+        return Err(bad(format!(
+            "expected {N} colon-separated decimal numbers, found {}",
+            parts.len()
+        )));
+    }
+    let mut out = [0u64; N];
+    for (o, p) in out.iter_mut().zip(parts) {
+        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad(format!("{p:?} is not a decimal number")));
+        }
+        *o = p
+            .parse()
+            .map_err(|e| bad(format!("{p:?} is not a 64-bit number: {e}")))?;
+    }
+    Ok(out)
+}
+
+impl TocHint {
+    /// Reads the zstd:chunked annotations of a layer descriptor (current names first, then the
+    /// older `io.containers.*` ones). Absent annotations are `None`; malformed ones are errors,
+    /// since a manifest that names a TOC it does not describe must not be trusted.
+    pub fn from_annotations(a: &HashMap<String, String>) -> Result<TocHint, ZstdChunkedError> {
+        let mut hint = TocHint::default();
+        if let Some((key, v)) = annotation(
+            a,
+            [
+                MANIFEST_POSITION_ANNOTATION,
+                LEGACY_MANIFEST_POSITION_ANNOTATION,
+            ],
+        ) {
+            let [offset, compressed_len, uncompressed_len, manifest_type] =
+                parse_numbers::<4>(key, v)?;
+            hint.toc = Some(TocPosition {
+                offset,
+                compressed_len,
+                uncompressed_len,
+                manifest_type,
+            });
+        }
+        if let Some(v) = a.get(TARSPLIT_POSITION_ANNOTATION) {
+            let [offset, compressed_len, uncompressed_len] =
+                parse_numbers::<3>(TARSPLIT_POSITION_ANNOTATION, v)?;
+            hint.tar_split = Some(TarSplitPosition {
+                offset,
+                compressed_len,
+                uncompressed_len,
+            });
+        }
+        if let Some((key, v)) = annotation(
+            a,
+            [
+                MANIFEST_CHECKSUM_ANNOTATION,
+                LEGACY_MANIFEST_CHECKSUM_ANNOTATION,
+            ],
+        ) {
+            hint.manifest_checksum =
+                Some(v.parse().map_err(|e| ZstdChunkedError::BadAnnotation {
+                    key,
+                    value: v.to_string(),
+                    detail: format!("not a digest: {e}"),
+                })?);
+        }
+        if hint.is_zstd_chunked() {
+            if let Some(v) = a.get(ESTARGZ_TOC_DIGEST_ANNOTATION) {
+                hint.toc_digest = Some(v.parse().map_err(|e| ZstdChunkedError::BadAnnotation {
+                    key: ESTARGZ_TOC_DIGEST_ANNOTATION,
+                    value: v.to_string(),
+                    detail: format!("not a digest: {e}"),
+                })?);
+            }
+        }
+        Ok(hint)
+    }
+
+    /// Whether the annotations mark the layer as zstd:chunked.
+    pub fn is_zstd_chunked(&self) -> bool {
+        self.toc.is_some() || self.manifest_checksum.is_some()
+    }
+
+    /// The blob range `[start, end)` holding the compressed TOC, when the annotations give it
+    /// and it fits a blob of `blob_size` bytes (the skippable-frame header is included so the
+    /// reader can check it).
+    pub fn toc_range(&self, blob_size: u64) -> Option<(u64, u64)> {
+        let toc = self.toc?;
+        let start = toc.offset.checked_sub(SKIPPABLE_HEADER)?;
+        let end = toc.offset.checked_add(toc.compressed_len)?;
+        (end <= blob_size).then_some((start, end))
+    }
+}
+
+/// A parsed footer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footer {
+    /// Where the TOC is.
+    pub toc: TocPosition,
+    /// Where the tar-split data is (64-byte footers only).
+    pub tar_split: Option<TarSplitPosition>,
+    /// Bytes of the footer's skippable frame, header included (the blob ends with them).
+    pub frame_len: usize,
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    if let Some(s) = b.get(at..at + 8) {
+        a.copy_from_slice(s);
+    }
+    u64::from_le_bytes(a)
+}
+
+fn is_skippable_header(h: &[u8], payload_len: usize) -> bool {
+    h.len() == 8
+        && h[0] & 0xf0 == SKIPPABLE_MAGIC[0]
+        && h[1..4] == SKIPPABLE_MAGIC[1..4]
+        && u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize == payload_len
+}
+
+/// Parses the footer at the end of `tail` (the last bytes of the blob; give at least
+/// [`FOOTER_PROBE_LEN`] when the blob is that large). The footer is the last skippable frame:
+/// its payload of 64, 56 or 40 bytes ends with the magic `GNUlInUx` (or the original
+/// `GnUlInUx`).
+pub fn parse_footer(tail: &[u8]) -> Result<Footer, ZstdChunkedError> {
+    let min = 40 + SKIPPABLE_HEADER as usize;
+    if tail.len() < min {
+        return Err(ZstdChunkedError::TruncatedFooter {
+            len: tail.len(),
+            min,
+        });
+    }
+    let magic = &tail[tail.len() - 8..];
+    if magic != FOOTER_MAGIC && magic != LEGACY_FOOTER_MAGIC {
+        return Err(ZstdChunkedError::BadFooter {
+            detail: format!(
+                "the blob does not end with the magic GNUlInUx or GnUlInUx (found {:02x?})",
+                magic
+            ),
+        });
+    }
+    for size in FOOTER_SIZES {
+        let Some(start) = tail.len().checked_sub(size + SKIPPABLE_HEADER as usize) else {
+            continue;
+        };
+        let header = &tail[start..start + 8];
+        if !is_skippable_header(header, size) {
+            continue;
+        }
+        let p = &tail[start + 8..];
+        let toc = TocPosition {
+            offset: le_u64(p, 0),
+            compressed_len: le_u64(p, 8),
+            uncompressed_len: le_u64(p, 16),
+            manifest_type: le_u64(p, 24),
+        };
+        let tar_split = (size == FOOTER_SIZE && le_u64(p, 32) != 0).then(|| TarSplitPosition {
+            offset: le_u64(p, 32),
+            compressed_len: le_u64(p, 40),
+            uncompressed_len: le_u64(p, 48),
+        });
+        return Ok(Footer {
+            toc,
+            tar_split,
+            frame_len: size + SKIPPABLE_HEADER as usize,
+        });
+    }
+    Err(ZstdChunkedError::BadFooter {
+        detail:
+            "the magic is not preceded by a skippable-frame header for a 64-, 56- or 40-byte footer"
+                .into(),
+    })
+}
+
+/// A parsed and verified TOC.
+#[derive(Debug)]
+pub struct OpenedToc {
+    /// The layer's tree and chunk table.
+    pub layer: Layer,
+    /// SHA-256 of the compressed TOC: the manifest-checksum annotation, and what
+    /// containers/storage calls the layer's TOC digest.
+    pub manifest_checksum: Digest,
+    /// SHA-256 of the TOC JSON.
+    pub toc_digest: Digest,
+    /// Where the TOC is.
+    pub toc: TocPosition,
+    /// Where the tar-split data is, when the annotations or the footer say.
+    pub tar_split: Option<TarSplitPosition>,
+    /// `tarSplitDigest` from the TOC (digest of the compressed tar-split data).
+    pub tar_split_digest: Option<Digest>,
+    /// TOC version (1, or 2 for layers written without tar-split).
+    pub version: u32,
+    /// What to prefetch: from landmark entries (stargz-snapshotter) or lazypull's TOC key.
+    pub prefetch: Prefetch,
+    /// Whether the TOC was found through the footer (no annotations).
+    pub from_footer: bool,
+}
+
+/// Parses, verifies and builds the layer from blob bytes holding the TOC.
+///
+/// `data` holds bytes `[data_start, data_start + data.len())` of the blob. With a TOC position
+/// in `hint` (the annotations), they must cover the compressed TOC; without one they must end
+/// at the blob's end (the footer says where the TOC is), and [`ZstdChunkedError::NeedMore`]
+/// says from where to read when they do not reach back to the TOC (the size limits are checked
+/// first, so a hostile footer cannot make the caller fetch gigabytes). The compressed TOC is
+/// checked against the manifest checksum (and the JSON against the eStargz TOC digest) before
+/// any entry is trusted.
+pub fn open_toc(
+    data: &[u8],
+    data_start: u64,
+    blob_size: u64,
+    hint: &TocHint,
+    cfg: &ReaderConfig,
+) -> Result<OpenedToc, ZstdChunkedError> {
+    let data_end = u64::try_from(data.len())
+        .ok()
+        .and_then(|l| data_start.checked_add(l))
+        .filter(|e| *e <= blob_size)
+        .ok_or(ZstdChunkedError::BadTail {
+            start: data_start,
+            len: data.len(),
+            blob_size,
+        })?;
+    let (toc, mut tar_split, metadata_end, from_footer) = match hint.toc {
+        Some(toc) => (toc, hint.tar_split, blob_size, false),
+        None => {
+            if data_end != blob_size {
+                return Err(ZstdChunkedError::BadTail {
+                    start: data_start,
+                    len: data.len(),
+                    blob_size,
+                });
+            }
+            if data.len() < FOOTER_PROBE_LEN && data_start > 0 {
+                return Err(ZstdChunkedError::NeedMore {
+                    from: blob_size.saturating_sub(FOOTER_PROBE_LEN as u64),
+                });
+            }
+            let footer = parse_footer(data)?;
+            let footer_start = blob_size - footer.frame_len as u64;
+            (footer.toc, footer.tar_split, footer_start, true)
+        }
+    };
+    if toc.manifest_type != MANIFEST_TYPE_CRFS {
+        return Err(ZstdChunkedError::UnsupportedManifestType(toc.manifest_type));
+    }
+    let bad_pos = |detail: &str| ZstdChunkedError::BadPosition {
+        what: "the compressed TOC",
+        offset: toc.offset,
+        len: toc.compressed_len,
+        blob_size,
+        detail: detail.to_string(),
+    };
+    if toc.compressed_len == 0 {
+        return Err(bad_pos("the TOC is empty"));
+    }
+    let toc_end = toc
+        .offset
+        .checked_add(toc.compressed_len)
+        .ok_or_else(|| bad_pos("the end overflows"))?;
+    if toc.offset < SKIPPABLE_HEADER || toc_end > metadata_end {
+        return Err(bad_pos(if from_footer {
+            "it must lie in a skippable frame before the footer"
+        } else {
+            "it must lie in a skippable frame inside the blob"
+        }));
+    }
+    if toc.compressed_len > cfg.max_toc_bytes {
+        return Err(ZstdChunkedError::TooLarge {
+            what: "compressed TOC",
+            size: toc.compressed_len,
+            limit: cfg.max_toc_bytes,
+        });
+    }
+    if toc.uncompressed_len > cfg.max_toc_json_bytes {
+        return Err(ZstdChunkedError::TooLarge {
+            what: "TOC JSON",
+            size: toc.uncompressed_len,
+            limit: cfg.max_toc_json_bytes,
+        });
+    }
+    let frame_start = toc.offset - SKIPPABLE_HEADER;
+    // The data area ends where the first metadata frame starts.
+    let mut area_end = frame_start;
+    if let Some(ts) = tar_split {
+        let ts_end = ts.offset.checked_add(ts.compressed_len);
+        let fits = ts.offset >= SKIPPABLE_HEADER && ts_end.is_some_and(|e| e <= metadata_end);
+        if !fits || ts.compressed_len == 0 {
+            if from_footer {
+                // The footer is informational; a tar-split position that makes no sense is
+                // ignored (lazypull does not need it).
+                tar_split = None;
+            } else {
+                return Err(ZstdChunkedError::BadPosition {
+                    what: "the tar-split data",
+                    offset: ts.offset,
+                    len: ts.compressed_len,
+                    blob_size,
+                    detail: "it must lie in a skippable frame inside the blob".into(),
+                });
+            }
+        } else {
+            area_end = area_end.min(ts.offset - SKIPPABLE_HEADER);
+        }
+    }
+    if toc.offset < data_start {
+        return Err(ZstdChunkedError::NeedMore { from: frame_start });
+    }
+    if toc_end > data_end {
+        return Err(ZstdChunkedError::ShortData {
+            have: data_end,
+            need: toc_end,
+        });
+    }
+    let rel = |o: u64| usize::try_from(o - data_start).unwrap_or(usize::MAX);
+    let compressed =
+        data.get(rel(toc.offset)..rel(toc_end))
+            .ok_or(ZstdChunkedError::ShortData {
+                have: data_end,
+                need: toc_end,
+            })?;
+    if frame_start >= data_start {
+        let header = data.get(rel(frame_start)..rel(toc.offset)).unwrap_or(&[]);
+        if !is_skippable_header(header, compressed.len()) {
+            return Err(bad_pos(
+                "the 8 bytes before it are not a skippable-frame header of its length",
+            ));
+        }
+    }
+    let manifest_checksum = Digest::sha256_of(compressed);
+    if let Some(expected) = &hint.manifest_checksum {
+        let actual = match expected.algorithm() {
+            a if a == manifest_checksum.algorithm() => manifest_checksum,
+            a => {
+                let mut v = Verifier::new(a);
+                v.update(compressed);
+                v.finish()
+            }
+        };
+        if actual != *expected {
+            return Err(ZstdChunkedError::ManifestChecksumMismatch {
+                expected: Box::new(*expected),
+                actual: Box::new(actual),
+            });
+        }
+    }
+    let json = decompress_toc(compressed, toc.offset, cfg)?;
+    let toc_digest = Digest::sha256_of(&json);
+    if let Some(expected) = &hint.toc_digest {
+        let mut v = Verifier::new(expected.algorithm());
+        v.update(&json);
+        let actual = v.finish();
+        if actual != *expected {
+            return Err(ZstdChunkedError::TocDigestMismatch {
+                expected: Box::new(*expected),
+                actual: Box::new(actual),
+            });
+        }
+    }
+    let parsed = parse_toc_json(&json, area_end, cfg)?;
+    drop(json);
+    let tar_split_digest = parsed.tar_split_digest;
+    let version = parsed.version;
+    let (layer, prefetch) = parsed.conv.build(parsed.prefetch_end)?;
+    Ok(OpenedToc {
+        layer,
+        manifest_checksum,
+        toc_digest,
+        toc,
+        tar_split,
+        tar_split_digest,
+        version,
+        prefetch,
+        from_footer,
+    })
+}
+
+/// Decompresses the TOC, refusing to produce more than the JSON limit allows.
+fn decompress_toc(
+    compressed: &[u8],
+    offset: u64,
+    cfg: &ReaderConfig,
+) -> Result<Vec<u8>, ZstdChunkedError> {
+    let bad = |detail: String| ZstdChunkedError::TocZstd { offset, detail };
+    if compressed.get(..4) != Some(&ZSTD_MAGIC[..]) {
+        return Err(bad(
+            "it does not start with the zstd magic 28 b5 2f fd".into()
+        ));
+    }
+    let limit = cfg.max_toc_json_bytes;
+    let mut out = Vec::new();
+    let dec = zstd::stream::read::Decoder::with_buffer(compressed)
+        .map_err(|e| bad(format!("zstd decoder: {e}")))?;
+    dec.take(limit.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(|e| bad(e.to_string()))?;
+    let got = out.len() as u64;
+    if got > limit {
+        return Err(ZstdChunkedError::TooLarge {
+            what: "decompressed TOC",
+            size: got,
+            limit,
+        });
+    }
+    Ok(out)
+}
+
+/// One TOC entry as JSON. Numbers are kept as [`Number`] so negative, fractional or huge
+/// values get a precise error; unknown fields (`accesstime`, `changetime`, `userName`, ...) are
+/// ignored.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct JsonEntry {
+    name: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    size: Option<Number>,
+    modtime: Option<String>,
+    #[serde(rename = "linkName")]
+    link_name: Option<String>,
+    mode: Option<Number>,
+    uid: Option<Number>,
+    gid: Option<Number>,
+    offset: Option<Number>,
+    #[serde(rename = "endOffset")]
+    end_offset: Option<Number>,
+    #[serde(rename = "innerOffset")]
+    inner_offset: Option<Number>,
+    #[serde(rename = "devMajor")]
+    dev_major: Option<Number>,
+    #[serde(rename = "devMinor")]
+    dev_minor: Option<Number>,
+    xattrs: Option<BTreeMap<String, Option<String>>>,
+    digest: Option<String>,
+    #[serde(rename = "chunkOffset")]
+    chunk_offset: Option<Number>,
+    #[serde(rename = "chunkSize")]
+    chunk_size: Option<Number>,
+    #[serde(rename = "chunkDigest")]
+    chunk_digest: Option<String>,
+    #[serde(rename = "chunkType")]
+    chunk_type: Option<String>,
+}
+
+/// The non-empty regular file whose chunk list `chunk` entries may still extend.
+struct OpenFile {
+    pos: usize,
+    path: String,
+}
+
+/// Turns TOC entries into model entries as the JSON is parsed, so the JSON entries are never
+/// all held at once.
+struct Converter {
+    /// End of the data area (where the first metadata frame starts).
+    area_end: u64,
+    max_entries: usize,
+    seen: usize,
+    /// (TOC index, entry); chunk `blob_len`s are filled in by [`Converter::build`].
+    entries: Vec<(usize, Entry)>,
+    /// Every frame boundary named by an entry (`offset`s and `endOffset`s), to find where each
+    /// chunk's frames end.
+    bounds: Vec<u64>,
+    open: Option<OpenFile>,
+    no_prefetch: bool,
+    prefetch_at: Option<u64>,
+}
+
+fn bad_entry(index: usize, name: &str, detail: String) -> ZstdChunkedError {
+    ZstdChunkedError::BadEntry {
+        index,
+        name: name.to_string(),
+        detail,
+    }
+}
+
+fn num_u64(
+    index: usize,
+    name: &str,
+    field: &'static str,
+    n: &Option<Number>,
+) -> Result<Option<u64>, ZstdChunkedError> {
+    match n {
+        None => Ok(None),
+        Some(n) => n.as_u64().map(Some).ok_or_else(|| {
+            bad_entry(
+                index,
+                name,
+                format!("{field} {n} is not a non-negative 64-bit integer"),
+            )
+        }),
+    }
+}
+
+fn num_u32(
+    index: usize,
+    name: &str,
+    field: &'static str,
+    n: &Option<Number>,
+) -> Result<u32, ZstdChunkedError> {
+    match num_u64(index, name, field, n)? {
+        None => Ok(0),
+        Some(v) => u32::try_from(v)
+            .map_err(|_| bad_entry(index, name, format!("{field} {v} does not fit in 32 bits"))),
+    }
+}
+
+fn parse_digest(
+    index: usize,
+    name: &str,
+    field: &'static str,
+    s: &Option<String>,
+) -> Result<Option<Digest>, ZstdChunkedError> {
+    match s.as_deref() {
+        None | Some("") => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|e| bad_entry(index, name, format!("{field}: {e}"))),
+    }
+}
+
+impl Converter {
+    fn new(area_end: u64, max_entries: usize) -> Converter {
+        Converter {
+            area_end,
+            max_entries,
+            seen: 0,
+            entries: Vec::new(),
+            bounds: Vec::new(),
+            open: None,
+            no_prefetch: false,
+            prefetch_at: None,
+        }
+    }
+
+    /// Validates a blob offset field of entry `index`: `offset` must lie inside the data area,
+    /// `endOffset` may also be its end.
+    fn blob_offset(
+        &self,
+        index: usize,
+        name: &str,
+        field: &'static str,
+        n: &Option<Number>,
+        inclusive_end: bool,
+    ) -> Result<Option<u64>, ZstdChunkedError> {
+        let Some(n) = n else { return Ok(None) };
+        let out_of_range = |offset: i128| ZstdChunkedError::OffsetOutOfRange {
+            index,
+            name: name.to_string(),
+            field,
+            offset,
+            data_end: self.area_end,
+        };
+        if let Some(v) = n.as_u64() {
+            let ok = if inclusive_end {
+                v <= self.area_end
+            } else {
+                v < self.area_end
+            };
+            return if ok {
+                Ok(Some(v))
+            } else {
+                Err(out_of_range(i128::from(v)))
+            };
+        }
+        if let Some(v) = n.as_i64() {
+            return Err(out_of_range(i128::from(v)));
+        }
+        Err(bad_entry(
+            index,
+            name,
+            format!("{field} {n} is not an integer"),
+        ))
+    }
+
+    fn add(&mut self, index: usize, je: JsonEntry) -> Result<(), ZstdChunkedError> {
+        self.seen += 1;
+        if self.seen > self.max_entries {
+            return Err(ZstdChunkedError::TooManyEntries {
+                limit: self.max_entries,
+            });
+        }
+        let name = je.name.clone().unwrap_or_default();
+        let offset = self.blob_offset(index, &name, "offset", &je.offset, false)?;
+        let end_offset = self.blob_offset(index, &name, "endOffset", &je.end_offset, true)?;
+        if let (Some(o), Some(e)) = (offset, end_offset) {
+            if e <= o {
+                return Err(bad_entry(
+                    index,
+                    &name,
+                    format!("endOffset {e} is not after offset {o}"),
+                ));
+            }
+        }
+        self.bounds.extend(offset);
+        self.bounds.extend(end_offset);
+        match je.chunk_type.as_deref() {
+            None | Some("") | Some("zeros") => {}
+            Some(other) => {
+                return Err(bad_entry(
+                    index,
+                    &name,
+                    format!("unknown chunkType {other:?} (only \"\" and \"zeros\" are defined)"),
+                ))
+            }
+        }
+        let kind = match je.kind.as_deref().unwrap_or("") {
+            "chunk" => return self.add_chunk(index, &name, &je, offset),
+            "dir" => Kind::Dir,
+            "reg" | "hardlink" => Kind::File,
+            "symlink" => Kind::Symlink,
+            "char" => Kind::CharDevice,
+            "block" => Kind::BlockDevice,
+            "fifo" => Kind::Fifo,
+            other => {
+                return Err(ZstdChunkedError::UnknownType {
+                    index,
+                    name,
+                    kind: other.to_string(),
+                })
+            }
+        };
+        let is_hardlink = je.kind.as_deref() == Some("hardlink");
+        self.finish_file()?;
+
+        let parts = split_path(&name).map_err(|source| ZstdChunkedError::Layer {
+            index,
+            name: name.clone(),
+            source,
+        })?;
+        let path = parts.join("/");
+        if path == PREFETCH_LANDMARK {
+            self.prefetch_at = offset.or(self.prefetch_at);
+            return Ok(());
+        }
+        if path == NO_PREFETCH_LANDMARK {
+            self.no_prefetch = true;
+            return Ok(());
+        }
+
+        let mut e = Entry::new(name.clone(), kind);
+        let mode = num_u64(index, &name, "mode", &je.mode)?.unwrap_or(0);
+        e.mode = (mode & 0o7777) as u32;
+        e.uid = num_u32(index, &name, "uid", &je.uid)?;
+        e.gid = num_u32(index, &name, "gid", &je.gid)?;
+        e.mtime = match je.modtime.as_deref() {
+            None | Some("") => 0,
+            Some(t) => parse_rfc3339(t).ok_or_else(|| {
+                bad_entry(
+                    index,
+                    &name,
+                    format!("modtime {t:?} is not an RFC 3339 time"),
+                )
+            })?,
+        };
+        if let Some(x) = &je.xattrs {
+            for (k, v) in x {
+                let value = match v {
+                    None => Vec::new(),
+                    Some(v) => base64::engine::general_purpose::STANDARD
+                        .decode(v)
+                        .map_err(|err| {
+                            bad_entry(
+                                index,
+                                &name,
+                                format!("xattr {k:?} is not valid base64: {err}"),
+                            )
+                        })?,
+                };
+                e.xattrs.push((k.clone(), value));
+            }
+        }
+        match je.kind.as_deref() {
+            Some("symlink") => e.link_target = je.link_name.clone(),
+            Some("hardlink") => {
+                let target = je
+                    .link_name
+                    .clone()
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| bad_entry(index, &name, "hard link without linkName".into()))?;
+                e.hardlink_target = Some(target);
+            }
+            Some("char") | Some("block") => {
+                e.dev_major = num_u32(index, &name, "devMajor", &je.dev_major)?;
+                e.dev_minor = num_u32(index, &name, "devMinor", &je.dev_minor)?;
+            }
+            _ => {}
+        }
+        if kind == Kind::File && !is_hardlink {
+            e.digest = parse_digest(index, &name, "digest", &je.digest)?;
+            e.size = num_u64(index, &name, "size", &je.size)?.unwrap_or(0);
+            if e.size > 0 {
+                let chunk = self.chunk_of(index, &name, &je, offset, e.size)?;
+                e.chunks.push(chunk);
+                self.open = Some(OpenFile {
+                    pos: self.entries.len(),
+                    path,
+                });
+            }
+        }
+        self.entries.push((index, e));
+        Ok(())
+    }
+
+    /// The chunk a `reg` or `chunk` entry describes (`blob_len` still 0).
+    fn chunk_of(
+        &self,
+        index: usize,
+        name: &str,
+        je: &JsonEntry,
+        offset: Option<u64>,
+        file_size: u64,
+    ) -> Result<Chunk, ZstdChunkedError> {
+        let bad = |detail: String| bad_entry(index, name, detail);
+        let blob_offset = offset.ok_or_else(|| bad("file data without an offset".into()))?;
+        let file_offset = num_u64(index, name, "chunkOffset", &je.chunk_offset)?.unwrap_or(0);
+        let size = match num_u64(index, name, "chunkSize", &je.chunk_size)? {
+            Some(s) if s > 0 => s,
+            // 0 or absent: the chunk runs to the end of the file.
+            _ => file_size.checked_sub(file_offset).ok_or_else(|| {
+                bad(format!(
+                    "chunkOffset {file_offset} lies beyond the file size {file_size}"
+                ))
+            })?,
+        };
+        let inner_offset = num_u64(index, name, "innerOffset", &je.inner_offset)?.unwrap_or(0);
+        if inner_offset.checked_add(size).is_none() {
+            return Err(bad(format!(
+                "innerOffset {inner_offset} plus chunk size {size} overflows"
+            )));
+        }
+        Ok(Chunk {
+            file_offset,
+            size,
+            blob_offset,
+            blob_len: 0,
+            inner_offset,
+            digest: parse_digest(index, name, "chunkDigest", &je.chunk_digest)?,
+        })
+    }
+
+    fn add_chunk(
+        &mut self,
+        index: usize,
+        name: &str,
+        je: &JsonEntry,
+        offset: Option<u64>,
+    ) -> Result<(), ZstdChunkedError> {
+        let orphan = |detail: String| ZstdChunkedError::OrphanChunk {
+            index,
+            name: name.to_string(),
+            detail,
+        };
+        let Some(open) = &self.open else {
+            return Err(orphan(String::new()));
+        };
+        if !name.is_empty() {
+            let same = split_path(name).is_ok_and(|p| p.join("/") == open.path);
+            if !same {
+                return Err(orphan(format!(" (it follows {:?})", open.path)));
+            }
+        }
+        let pos = open.pos;
+        let file_size = self.entries.get(pos).map(|(_, e)| e.size).unwrap_or(0);
+        let chunk = self.chunk_of(index, name, je, offset, file_size)?;
+        if let Some((_, e)) = self.entries.get_mut(pos) {
+            e.chunks.push(chunk);
+        }
+        Ok(())
+    }
+
+    /// Closes the open file: a single chunk without `chunkDigest` takes the file's `digest`
+    /// (containers/storage writes chunk fields only for files of several chunks); every chunk
+    /// must then have a digest, since unverifiable data is never served.
+    fn finish_file(&mut self) -> Result<(), ZstdChunkedError> {
+        let Some(open) = self.open.take() else {
+            return Ok(());
+        };
+        let Some((index, e)) = self.entries.get_mut(open.pos) else {
+            return Ok(());
+        };
+        if let [only] = e.chunks.as_mut_slice() {
+            if only.digest.is_none() {
+                only.digest = e.digest;
+            }
+        }
+        if let Some(c) = e.chunks.iter().find(|c| c.digest.is_none()) {
+            return Err(bad_entry(
+                *index,
+                &e.path,
+                format!(
+                    "chunk at file offset {} has no chunkDigest (nor is it a whole file with a digest), so it could not be verified",
+                    c.file_offset
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fills chunk lengths and builds the tree.
+    fn build(mut self, prefetch_end: Option<u64>) -> Result<(Layer, Prefetch), ZstdChunkedError> {
+        self.finish_file()?;
+        let mut bounds = std::mem::take(&mut self.bounds);
+        bounds.sort_unstable();
+        bounds.dedup();
+        let area_end = self.area_end;
+        for (_, e) in &mut self.entries {
+            for c in &mut e.chunks {
+                let i = bounds.partition_point(|&o| o <= c.blob_offset);
+                let next = bounds.get(i).copied().unwrap_or(area_end);
+                c.blob_len = next.saturating_sub(c.blob_offset);
+            }
+        }
+        drop(bounds);
+
+        let mut b = LayerBuilder::new();
+        let mut deferred: Vec<Deferred> = Vec::new();
+        let mut deferred_by_path: HashMap<String, usize> = HashMap::new();
+        for (index, entry) in std::mem::take(&mut self.entries) {
+            let layer_err = |source: TocError, name: &str| ZstdChunkedError::Layer {
+                index,
+                name: name.to_string(),
+                source,
+            };
+            if !deferred_by_path.is_empty() {
+                if let Some(j) = deferred_by_path.remove(&norm(&entry.path)) {
+                    if let Some(d) = deferred.get_mut(j) {
+                        d.superseded = true;
+                    }
+                }
+            }
+            match &entry.hardlink_target {
+                Some(target) => match b.add(entry.clone()) {
+                    Ok(()) => {}
+                    // A target that comes later (a reordered TOC): link once all is known.
+                    Err(TocError::BadHardlink { .. }) => {
+                        let path = norm(&entry.path);
+                        let target = norm(target);
+                        deferred_by_path.insert(path, deferred.len());
+                        deferred.push(Deferred {
+                            index,
+                            entry,
+                            target,
+                            superseded: false,
+                        });
+                    }
+                    Err(e) => return Err(layer_err(e, &entry.path)),
+                },
+                None => {
+                    let name = entry.path.clone();
+                    b.add(entry).map_err(|e| layer_err(e, &name))?;
+                }
+            }
+        }
+        for i in hardlink_order(&deferred, &deferred_by_path)? {
+            let Some(d) = deferred.get(i) else { continue };
+            b.add(d.entry.clone())
+                .map_err(|source| ZstdChunkedError::Layer {
+                    index: d.index,
+                    name: d.entry.path.clone(),
+                    source,
+                })?;
+        }
+        let prefetch = if self.no_prefetch {
+            Prefetch::None
+        } else if let Some(blob_offset) = self.prefetch_at {
+            Prefetch::Until { blob_offset }
+        } else {
+            match prefetch_end {
+                Some(0) => Prefetch::None,
+                Some(blob_offset) => Prefetch::Until { blob_offset },
+                None => Prefetch::Unspecified,
+            }
+        };
+        Ok((b.build(), prefetch))
+    }
+}
+
+/// A hard link whose target was not (yet) in the tree when it was met.
+struct Deferred {
+    index: usize,
+    entry: Entry,
+    target: String,
+    /// A later entry with the same path replaced it.
+    superseded: bool,
+}
+
+fn norm(path: &str) -> String {
+    split_path(path)
+        .map(|p| p.join("/"))
+        .unwrap_or_else(|_| path.to_string())
+}
+
+/// Orders deferred hard links so each comes after the deferred link it points to; a cycle is
+/// an error (it can never be resolved).
+fn hardlink_order(
+    deferred: &[Deferred],
+    by_path: &HashMap<String, usize>,
+) -> Result<Vec<usize>, ZstdChunkedError> {
+    const NEW: u8 = 0;
+    const ACTIVE: u8 = 1;
+    let mut state = vec![NEW; deferred.len()];
+    let mut order = Vec::with_capacity(deferred.len());
+    for start in 0..deferred.len() {
+        if deferred.get(start).is_none_or(|d| d.superseded) {
+            continue;
+        }
+        let mut chain = Vec::new();
+        let mut cur = start;
+        loop {
+            match state.get(cur).copied() {
+                Some(NEW) => {}
+                Some(ACTIVE) => {
+                    let d = deferred.get(cur);
+                    return Err(ZstdChunkedError::HardlinkLoop {
+                        path: d.map(|d| d.entry.path.clone()).unwrap_or_default(),
+                        target: d
+                            .and_then(|d| d.entry.hardlink_target.clone())
+                            .unwrap_or_default(),
+                    });
+                }
+                _ => break,
+            }
+            if let Some(s) = state.get_mut(cur) {
+                *s = ACTIVE;
+            }
+            chain.push(cur);
+            match deferred.get(cur).and_then(|d| by_path.get(&d.target)) {
+                Some(&next) => cur = next,
+                None => break,
+            }
+        }
+        for &c in chain.iter().rev() {
+            if let Some(s) = state.get_mut(c) {
+                *s = 2;
+            }
+            order.push(c);
+        }
+    }
+    Ok(order)
+}
+
+/// The TOC's top-level fields besides the entries.
+struct ParsedToc {
+    conv: Converter,
+    version: u32,
+    tar_split_digest: Option<Digest>,
+    prefetch_end: Option<u64>,
+}
+
+/// Parses the TOC JSON, converting entries as they stream by.
+fn parse_toc_json(
+    json: &[u8],
+    area_end: u64,
+    cfg: &ReaderConfig,
+) -> Result<ParsedToc, ZstdChunkedError> {
+    let side: RefCell<Option<ZstdChunkedError>> = RefCell::new(None);
+    let conv = RefCell::new(Converter::new(area_end, cfg.max_entries));
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let result = serde::Deserializer::deserialize_map(
+        &mut de,
+        TocVisitor {
+            side: &side,
+            conv: &conv,
+        },
+    )
+    .and_then(|v| de.end().map(|()| v));
+    if let Some(e) = side.into_inner() {
+        return Err(e);
+    }
+    let top = result.map_err(|e| ZstdChunkedError::TocJson {
+        detail: e.to_string(),
+    })?;
+    let Some(version) = top.version else {
+        return Err(ZstdChunkedError::TocJson {
+            detail: "the TOC object has no \"version\"".into(),
+        });
+    };
+    if !top.had_entries {
+        return Err(ZstdChunkedError::TocJson {
+            detail: "the TOC object has no \"entries\" array".into(),
+        });
+    }
+    let tar_split_digest = match top.tar_split_digest.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(s.parse().map_err(|e| ZstdChunkedError::TocJson {
+            detail: format!("tarSplitDigest {s:?} is not a digest: {e}"),
+        })?),
+    };
+    if let Some(end) = top.prefetch_end {
+        if end > area_end {
+            return Err(ZstdChunkedError::TocJson {
+                detail: format!(
+                    "{PREFETCH_END_KEY} {end} lies past the data area, which ends at {area_end}"
+                ),
+            });
+        }
+    }
+    Ok(ParsedToc {
+        conv: conv.into_inner(),
+        version,
+        tar_split_digest,
+        prefetch_end: top.prefetch_end,
+    })
+}
+
+/// What the top-level visitor collects.
+struct Top {
+    version: Option<u32>,
+    had_entries: bool,
+    tar_split_digest: Option<String>,
+    prefetch_end: Option<u64>,
+}
+
+/// Visits the top-level TOC object, ignoring unknown keys.
+struct TocVisitor<'a> {
+    side: &'a RefCell<Option<ZstdChunkedError>>,
+    conv: &'a RefCell<Converter>,
+}
+
+impl<'de> Visitor<'de> for TocVisitor<'_> {
+    type Value = Top;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object with \"version\" and \"entries\"")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
+        let mut top = Top {
+            version: None,
+            had_entries: false,
+            tar_split_digest: None,
+            prefetch_end: None,
+        };
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "version" => {
+                    if top.version.is_some() {
+                        return Err(de::Error::duplicate_field("version"));
+                    }
+                    let v: serde_json::Value = map.next_value()?;
+                    match v.as_u64() {
+                        Some(n @ (1 | 2)) => top.version = Some(n as u32),
+                        _ => {
+                            let msg = format!("unsupported version {v}");
+                            *self.side.borrow_mut() =
+                                Some(ZstdChunkedError::UnsupportedVersion(v.to_string()));
+                            return Err(de::Error::custom(msg));
+                        }
+                    }
+                }
+                "entries" => {
+                    if top.had_entries {
+                        return Err(de::Error::duplicate_field("entries"));
+                    }
+                    top.had_entries = true;
+                    map.next_value_seed(EntriesSeed {
+                        side: self.side,
+                        conv: self.conv,
+                    })?;
+                }
+                "tarSplitDigest" => {
+                    top.tar_split_digest = map.next_value::<Option<String>>()?;
+                }
+                PREFETCH_END_KEY => {
+                    top.prefetch_end = Some(map.next_value::<u64>()?);
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(top)
+    }
+}
+
+/// Streams the `entries` array into the [`Converter`].
+struct EntriesSeed<'a> {
+    side: &'a RefCell<Option<ZstdChunkedError>>,
+    conv: &'a RefCell<Converter>,
+}
+
+impl<'de> DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntriesSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of TOC entries")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut index = 0usize;
+        loop {
+            let next = seq
+                .next_element::<JsonEntry>()
+                .map_err(|e| de::Error::custom(format_args!("TOC entry #{index}: {e}")))?;
+            let Some(je) = next else { break };
+            let res = self.conv.borrow_mut().add(index, je);
+            if let Err(e) = res {
+                let msg = e.to_string();
+                *self.side.borrow_mut() = Some(e);
+                return Err(de::Error::custom(msg));
+            }
+            index += 1;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use proptest::prelude::*;
+
+    use super::super::testutil::{blob_with_toc, skippable, toc};
+    use super::super::writer::{footer_bytes, write_zstd_chunked, WriterOptions};
+    use super::*;
+
+    fn open(blob: &[u8], hint: &TocHint) -> Result<OpenedToc, ZstdChunkedError> {
+        open_toc(blob, 0, blob.len() as u64, hint, &ReaderConfig::default())
+    }
+
+    fn d(data: &[u8]) -> String {
+        Digest::sha256_of(data).to_string()
+    }
+
+    fn ann(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// A small real blob from the writer, and the hint its annotations give.
+    fn sample() -> &'static (Vec<u8>, TocHint) {
+        static BLOB: OnceLock<(Vec<u8>, TocHint)> = OnceLock::new();
+        BLOB.get_or_init(|| {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            b.append_data(&mut h, "etc/", &[][..]).unwrap();
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(5);
+            b.append_data(&mut h, "etc/hosts", &b"hello"[..]).unwrap();
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Link);
+            h.set_size(0);
+            b.append_link(&mut h, "etc/hosts2", "etc/hosts").unwrap();
+            let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, "bin/sh", &data[..]).unwrap();
+            let tar = b.into_inner().unwrap();
+            let opts = WriterOptions {
+                chunk_size: 30_000,
+                level: 1,
+                ..WriterOptions::default()
+            };
+            let mut out = Vec::new();
+            let w = write_zstd_chunked(&tar[..], &mut out, &opts).unwrap();
+            let a: HashMap<String, String> = w.annotations().into_iter().collect();
+            (out, TocHint::from_annotations(&a).unwrap())
+        })
+    }
+
+    #[test]
+    fn footer_variants() {
+        let toc = TocPosition {
+            offset: 1000,
+            compressed_len: 200,
+            uncompressed_len: 900,
+            manifest_type: 1,
+        };
+        let ts = TarSplitPosition {
+            offset: 1208,
+            compressed_len: 50,
+            uncompressed_len: 300,
+        };
+        // Current: 64 bytes with tar-split fields.
+        let mut tail = vec![7u8; 30];
+        tail.extend_from_slice(&skippable(&footer_bytes(&toc, Some(&ts))));
+        let f = parse_footer(&tail).unwrap();
+        assert_eq!(
+            (f.toc, f.tar_split, f.frame_len),
+            (toc, Some(ts), FOOTER_PROBE_LEN)
+        );
+        // The original 40-byte footer with the GnUlInUx magic (skopeo 1.9, ctr-remote).
+        let mut p = Vec::new();
+        for v in [1000u64, 200, 900, 1] {
+            p.extend_from_slice(&v.to_le_bytes());
+        }
+        p.extend_from_slice(LEGACY_FOOTER_MAGIC);
+        let f = parse_footer(&skippable(&p)).unwrap();
+        assert_eq!((f.toc, f.tar_split, f.frame_len), (toc, None, 48));
+        // The 56-byte footer of 2023.
+        let mut p = Vec::new();
+        for v in [1000u64, 200, 900, 1, 1208, 50] {
+            p.extend_from_slice(&v.to_le_bytes());
+        }
+        p.extend_from_slice(FOOTER_MAGIC);
+        let f = parse_footer(&skippable(&p)).unwrap();
+        assert_eq!((f.toc, f.frame_len), (toc, 64));
+        // Failures.
+        assert!(matches!(
+            parse_footer(&[0u8; 20]),
+            Err(ZstdChunkedError::TruncatedFooter { len: 20, .. })
+        ));
+        let mut wrong = skippable(&footer_bytes(&toc, None));
+        let n = wrong.len();
+        wrong[n - 1] = b'y';
+        assert!(
+            matches!(parse_footer(&wrong), Err(ZstdChunkedError::BadFooter { detail }) if detail.contains("magic"))
+        );
+        let mut no_header = vec![0u8; 8];
+        no_header.extend_from_slice(&footer_bytes(&toc, None));
+        assert!(
+            matches!(parse_footer(&no_header), Err(ZstdChunkedError::BadFooter { detail }) if detail.contains("skippable"))
+        );
+    }
+
+    #[test]
+    fn annotations_current_and_legacy() {
+        assert_eq!(
+            TocHint::from_annotations(&HashMap::new()).unwrap(),
+            TocHint::default()
+        );
+        let c = d(b"x");
+        for (pos, sum) in [
+            (MANIFEST_POSITION_ANNOTATION, MANIFEST_CHECKSUM_ANNOTATION),
+            (
+                LEGACY_MANIFEST_POSITION_ANNOTATION,
+                LEGACY_MANIFEST_CHECKSUM_ANNOTATION,
+            ),
+        ] {
+            let h = TocHint::from_annotations(&ann(&[
+                (pos, "10:20:30:1"),
+                (sum, &c),
+                (TARSPLIT_POSITION_ANNOTATION, "38:5:9"),
+                (ESTARGZ_TOC_DIGEST_ANNOTATION, &c),
+            ]))
+            .unwrap();
+            assert!(h.is_zstd_chunked());
+            assert_eq!(
+                h.toc,
+                Some(TocPosition {
+                    offset: 10,
+                    compressed_len: 20,
+                    uncompressed_len: 30,
+                    manifest_type: 1
+                })
+            );
+            assert_eq!(h.tar_split.map(|t| t.offset), Some(38));
+            assert_eq!(h.manifest_checksum, Some(Digest::sha256_of(b"x")));
+            assert_eq!(h.toc_digest, Some(Digest::sha256_of(b"x")));
+            assert_eq!(h.toc_range(100), Some((2, 30)));
+            assert_eq!(h.toc_range(29), None);
+        }
+        // An eStargz layer's TOC digest alone does not make a layer zstd:chunked.
+        let h = TocHint::from_annotations(&ann(&[(ESTARGZ_TOC_DIGEST_ANNOTATION, &c)])).unwrap();
+        assert_eq!(h, TocHint::default());
+        for (k, v) in [
+            (MANIFEST_POSITION_ANNOTATION, "10:20:30"),
+            (MANIFEST_POSITION_ANNOTATION, "10:20:30:1:5"),
+            (MANIFEST_POSITION_ANNOTATION, "-1:20:30:1"),
+            (MANIFEST_POSITION_ANNOTATION, "1:2:3:99999999999999999999"),
+            (LEGACY_MANIFEST_POSITION_ANNOTATION, " 1:2:3:4"),
+            (TARSPLIT_POSITION_ANNOTATION, "1:2"),
+            (MANIFEST_CHECKSUM_ANNOTATION, "sha256:1234"),
+            (LEGACY_MANIFEST_CHECKSUM_ANNOTATION, "nonsense"),
+        ] {
+            let e = TocHint::from_annotations(&ann(&[(k, v)])).unwrap_err();
+            assert!(
+                matches!(&e, ZstdChunkedError::BadAnnotation { key, .. } if *key == k),
+                "{k}={v}: {e}"
+            );
+        }
+    }
+
+    /// containers/storage's TOC: `./` root, zero access times, `endOffset`, chunk entries with
+    /// sizes, single-chunk files verified by their `digest`, `zeros` chunks.
+    #[test]
+    fn containers_storage_dialect() {
+        let json = format!(
+            r#"{{"version":1,"entries":[
+            {{"type":"dir","name":"./","mode":493,"modtime":"2026-11-23T17:23:35Z","accesstime":"0001-01-01T00:00:00Z","changetime":"0001-01-01T00:00:00Z"}},
+            {{"type":"reg","name":"./etc/hostname","mode":420,"size":6,"modtime":"2026-11-23T17:23:35Z","digest":"{h}","offset":120,"endOffset":139}},
+            {{"type":"reg","name":"./usr/bin/big","mode":420,"size":10,"digest":"{b}","offset":429,"endOffset":1000,"chunkSize":4,"chunkDigest":"{x}"}},
+            {{"type":"chunk","name":"./usr/bin/big","offset":600,"chunkSize":3,"chunkOffset":4,"chunkDigest":"{x}","chunkType":"zeros"}},
+            {{"type":"chunk","name":"./usr/bin/big","offset":700,"chunkSize":3,"chunkOffset":7,"chunkDigest":"{x}"}},
+            {{"type":"hardlink","name":"./usr/bin/big2","linkName":"./usr/bin/big"}},
+            {{"type":"reg","name":"./last","size":1,"digest":"{x}","offset":3000}}
+            ],"tarSplitDigest":"{t}"}}"#,
+            h = d(b"hostname"),
+            b = d(b"big"),
+            x = d(b"x"),
+            t = d(b"tar-split"),
+        );
+        let (blob, hint) = blob_with_toc(&json);
+        let o = open(&blob, &hint).unwrap();
+        assert_eq!(o.version, 1);
+        assert_eq!(o.tar_split_digest, Some(Digest::sha256_of(b"tar-split")));
+        assert_eq!(o.prefetch, Prefetch::Unspecified);
+        let l = &o.layer;
+        assert_eq!(l.node(0).unwrap().mtime, 1_795_454_615);
+        let host = l.resolve("etc/hostname").unwrap();
+        let c = l.chunks(host);
+        assert_eq!(
+            (c[0].blob_offset, c[0].blob_len, c[0].digest),
+            (120, 19, Some(Digest::sha256_of(b"hostname")))
+        );
+        let big = l.resolve("usr/bin/big").unwrap();
+        let spans: Vec<(u64, u64, u64, u64)> = l
+            .chunks(big)
+            .iter()
+            .map(|c| (c.file_offset, c.size, c.blob_offset, c.blob_len))
+            .collect();
+        assert_eq!(
+            spans,
+            vec![(0, 4, 429, 171), (4, 3, 600, 100), (7, 3, 700, 300)]
+        );
+        assert_eq!(l.resolve("usr/bin/big2"), Some(big));
+        // No endOffset: the frames end where the data area does.
+        let last = l.resolve("last").unwrap();
+        assert_eq!(l.chunks(last)[0].blob_len, 4096 - 3000);
+        // Found through the footer too.
+        let by_footer = open(&blob, &TocHint::default()).unwrap();
+        assert!(by_footer.from_footer);
+        assert_eq!(by_footer.manifest_checksum, o.manifest_checksum);
+    }
+
+    /// stargz-snapshotter's TOC: an eStargz TOC (landmarks, `innerOffset`, no `endOffset`).
+    #[test]
+    fn stargz_dialect_and_prefetch() {
+        let x = d(b"x");
+        let json = toc(&format!(
+            concat!(
+                r#"{{"name":"f","type":"reg","size":8,"offset":100,"chunkSize":4,"chunkDigest":"{x}"}},"#,
+                r#"{{"name":"f","type":"chunk","offset":100,"innerOffset":4,"chunkOffset":4,"chunkDigest":"{x}"}},"#,
+                r#"{{"name":".prefetch.landmark","type":"reg","size":1,"offset":300,"chunkDigest":"{x}"}},"#,
+                r#"{{"name":"g","type":"reg","size":2,"offset":500,"digest":"{x}"}}"#
+            ),
+            x = x
+        ));
+        let (blob, hint) = blob_with_toc(&json);
+        let o = open(&blob, &hint).unwrap();
+        assert_eq!(o.prefetch, Prefetch::Until { blob_offset: 300 });
+        assert_eq!(o.layer.resolve(".prefetch.landmark"), None);
+        let f = o.layer.resolve("f").unwrap();
+        let spans: Vec<(u64, u64, u64)> = o
+            .layer
+            .chunks(f)
+            .iter()
+            .map(|c| (c.blob_offset, c.blob_len, c.inner_offset))
+            .collect();
+        assert_eq!(spans, vec![(100, 200, 0), (100, 200, 4)]);
+        let json = toc(r#"{"name":".no.prefetch.landmark","type":"reg","size":1,"offset":10}"#);
+        let (blob, hint) = blob_with_toc(&json.replace(
+            r#""offset":10}"#,
+            &format!(r#""offset":10,"digest":"{x}"}}"#),
+        ));
+        assert_eq!(open(&blob, &hint).unwrap().prefetch, Prefetch::None);
+        // lazypull's own TOC key.
+        for (v, want) in [
+            (0u64, Prefetch::None),
+            (77, Prefetch::Until { blob_offset: 77 }),
+        ] {
+            let json = format!(r#"{{"version":1,"entries":[],"{PREFETCH_END_KEY}":{v}}}"#);
+            let (blob, hint) = blob_with_toc(&json);
+            assert_eq!(open(&blob, &hint).unwrap().prefetch, want);
+        }
+        let json = format!(r#"{{"version":2,"entries":[],"{PREFETCH_END_KEY}":5000}}"#);
+        let (blob, hint) = blob_with_toc(&json);
+        assert!(
+            matches!(open(&blob, &hint), Err(ZstdChunkedError::TocJson { detail }) if detail.contains("past the data area"))
+        );
+    }
+
+    #[test]
+    fn need_more_and_short_data() {
+        let (blob, hint) = sample();
+        let len = blob.len() as u64;
+        let full = open(blob, hint).unwrap();
+        let frame_start = full.toc.offset - 8;
+        // Footer mode: a tail that misses the TOC asks for it; a tiny one for the footer.
+        let tail = &blob[blob.len() - 100..];
+        match open_toc(
+            tail,
+            len - 100,
+            len,
+            &TocHint::default(),
+            &ReaderConfig::default(),
+        ) {
+            Err(ZstdChunkedError::NeedMore { from }) => assert_eq!(from, frame_start),
+            other => panic!("{other:?}"),
+        }
+        match open_toc(
+            &blob[blob.len() - 10..],
+            len - 10,
+            len,
+            &TocHint::default(),
+            &ReaderConfig::default(),
+        ) {
+            Err(ZstdChunkedError::NeedMore { from }) => assert_eq!(from, len - 72),
+            other => panic!("{other:?}"),
+        }
+        // Annotation mode: exactly the TOC frame is enough.
+        let (s, e) = hint.toc_range(len).unwrap();
+        let again = open_toc(
+            &blob[s as usize..e as usize],
+            s,
+            len,
+            hint,
+            &ReaderConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(again.toc_digest, full.toc_digest);
+        assert_eq!(again.layer.len(), full.layer.len());
+        match open_toc(
+            &blob[s as usize..e as usize - 1],
+            s,
+            len,
+            hint,
+            &ReaderConfig::default(),
+        ) {
+            Err(ZstdChunkedError::ShortData { have, need }) => {
+                assert_eq!((have, need), (e - 1, e))
+            }
+            other => panic!("{other:?}"),
+        }
+        match open_toc(
+            &blob[s as usize + 9..],
+            s + 9,
+            len,
+            hint,
+            &ReaderConfig::default(),
+        ) {
+            Err(ZstdChunkedError::NeedMore { from }) => assert_eq!(from, s),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    type Case = (
+        &'static str,
+        Box<dyn Fn() -> Result<OpenedToc, ZstdChunkedError>>,
+        fn(&ZstdChunkedError) -> bool,
+    );
+
+    fn json_case(entries: String) -> Box<dyn Fn() -> Result<OpenedToc, ZstdChunkedError>> {
+        Box::new(move || {
+            let (blob, hint) = blob_with_toc(&toc(&entries));
+            open(&blob, &hint)
+        })
+    }
+
+    fn with_hint(
+        edit: impl Fn(&mut TocHint) + 'static,
+    ) -> Box<dyn Fn() -> Result<OpenedToc, ZstdChunkedError>> {
+        Box::new(move || {
+            let (blob, mut hint) = sample().clone();
+            edit(&mut hint);
+            open(&blob, &hint)
+        })
+    }
+
+    fn raw_toc(compressed: Vec<u8>) -> Box<dyn Fn() -> Result<OpenedToc, ZstdChunkedError>> {
+        Box::new(move || {
+            let mut blob = vec![0u8; 100];
+            let toc = TocPosition {
+                offset: 108,
+                compressed_len: compressed.len() as u64,
+                uncompressed_len: 10,
+                manifest_type: 1,
+            };
+            blob.extend_from_slice(&skippable(&compressed));
+            blob.extend_from_slice(&skippable(&footer_bytes(&toc, None)));
+            open(&blob, &TocHint::default())
+        })
+    }
+
+    fn reg(name: &str) -> String {
+        format!(
+            r#"{{"name":{},"type":"reg","size":1,"offset":10,"digest":"{}"}}"#,
+            serde_json::to_string(name).unwrap(),
+            d(b"z")
+        )
+    }
+
+    #[test]
+    fn hostile_inputs_give_specific_errors() {
+        let x = d(b"x");
+        let cases: Vec<Case> = vec![
+            (
+                "manifest checksum mismatch",
+                with_hint(|h| h.manifest_checksum = Some(Digest::sha256_of(b"other"))),
+                |e| matches!(e, ZstdChunkedError::ManifestChecksumMismatch { .. }),
+            ),
+            (
+                "TOC digest mismatch",
+                with_hint(|h| h.toc_digest = Some(Digest::sha256_of(b"other"))),
+                |e| matches!(e, ZstdChunkedError::TocDigestMismatch { .. }),
+            ),
+            (
+                "manifest type 2",
+                with_hint(|h| h.toc.as_mut().unwrap().manifest_type = 2),
+                |e| matches!(e, ZstdChunkedError::UnsupportedManifestType(2)),
+            ),
+            (
+                "TOC past the end",
+                with_hint(|h| h.toc.as_mut().unwrap().offset = u64::MAX - 3),
+                |e| matches!(e, ZstdChunkedError::BadPosition { .. }),
+            ),
+            (
+                "TOC at offset 0",
+                with_hint(|h| h.toc.as_mut().unwrap().offset = 0),
+                |e| matches!(e, ZstdChunkedError::BadPosition { .. }),
+            ),
+            (
+                "empty TOC",
+                with_hint(|h| h.toc.as_mut().unwrap().compressed_len = 0),
+                |e| matches!(e, ZstdChunkedError::BadPosition { detail, .. } if detail.contains("empty")),
+            ),
+            (
+                "TOC position not a skippable frame",
+                with_hint(|h| h.toc.as_mut().unwrap().offset -= 1),
+                |e| matches!(e, ZstdChunkedError::BadPosition { detail, .. } if detail.contains("skippable")),
+            ),
+            (
+                "tar-split outside the blob",
+                with_hint(|h| h.tar_split.as_mut().unwrap().compressed_len = u64::MAX),
+                |e| matches!(e, ZstdChunkedError::BadPosition { what: "the tar-split data", .. }),
+            ),
+            (
+                "compressed TOC over limit",
+                Box::new(|| {
+                    let (blob, hint) = sample();
+                    let cfg = ReaderConfig {
+                        max_toc_bytes: 10,
+                        ..ReaderConfig::default()
+                    };
+                    open_toc(blob, 0, blob.len() as u64, hint, &cfg)
+                }),
+                |e| matches!(e, ZstdChunkedError::TooLarge { what: "compressed TOC", limit: 10, .. }),
+            ),
+            (
+                "declared JSON over limit",
+                with_hint(|h| h.toc.as_mut().unwrap().uncompressed_len = u64::MAX),
+                |e| matches!(e, ZstdChunkedError::TooLarge { what: "TOC JSON", .. }),
+            ),
+            (
+                "zstd bomb",
+                Box::new(|| {
+                    let json = vec![b' '; 4 << 20];
+                    let mut blob = vec![0u8; 100];
+                    let c = zstd::encode_all(&json[..], 19).unwrap();
+                    let toc = TocPosition {
+                        offset: 108,
+                        compressed_len: c.len() as u64,
+                        uncompressed_len: 1,
+                        manifest_type: 1,
+                    };
+                    blob.extend_from_slice(&skippable(&c));
+                    blob.extend_from_slice(&skippable(&footer_bytes(&toc, None)));
+                    let cfg = ReaderConfig {
+                        max_toc_json_bytes: 1 << 20,
+                        ..ReaderConfig::default()
+                    };
+                    open_toc(&blob, 0, blob.len() as u64, &TocHint::default(), &cfg)
+                }),
+                |e| matches!(e, ZstdChunkedError::TooLarge { what: "decompressed TOC", .. }),
+            ),
+            (
+                "TOC not zstd",
+                raw_toc(b"{\"version\":1}".to_vec()),
+                |e| matches!(e, ZstdChunkedError::TocZstd { offset: 108, .. }),
+            ),
+            (
+                "TOC corrupt zstd",
+                raw_toc({
+                    let mut c = zstd::encode_all(&toc("").into_bytes()[..], 3).unwrap();
+                    c.truncate(c.len() - 3);
+                    c
+                }),
+                |e| matches!(e, ZstdChunkedError::TocZstd { .. }),
+            ),
+            (
+                "bytes past the blob end",
+                Box::new(|| {
+                    let (blob, hint) = sample();
+                    open_toc(blob, 1, blob.len() as u64, hint, &ReaderConfig::default())
+                }),
+                |e| matches!(e, ZstdChunkedError::BadTail { .. }),
+            ),
+            (
+                "non-JSON",
+                Box::new(|| {
+                    let (blob, hint) = blob_with_toc("not json");
+                    open(&blob, &hint)
+                }),
+                |e| matches!(e, ZstdChunkedError::TocJson { .. }),
+            ),
+            (
+                "missing version",
+                Box::new(|| {
+                    let (blob, hint) = blob_with_toc(r#"{"entries":[]}"#);
+                    open(&blob, &hint)
+                }),
+                |e| matches!(e, ZstdChunkedError::TocJson { detail } if detail.contains("version")),
+            ),
+            (
+                "missing entries",
+                Box::new(|| {
+                    let (blob, hint) = blob_with_toc(r#"{"version":1}"#);
+                    open(&blob, &hint)
+                }),
+                |e| matches!(e, ZstdChunkedError::TocJson { detail } if detail.contains("entries")),
+            ),
+            (
+                "version 3",
+                Box::new(|| {
+                    let (blob, hint) = blob_with_toc(r#"{"version":3,"entries":[{"x":1}]}"#);
+                    open(&blob, &hint)
+                }),
+                |e| matches!(e, ZstdChunkedError::UnsupportedVersion(v) if v == "3"),
+            ),
+            (
+                "bad tarSplitDigest",
+                Box::new(|| {
+                    let (blob, hint) =
+                        blob_with_toc(r#"{"version":1,"entries":[],"tarSplitDigest":"md5:1"}"#);
+                    open(&blob, &hint)
+                }),
+                |e| matches!(e, ZstdChunkedError::TocJson { detail } if detail.contains("tarSplitDigest")),
+            ),
+            (
+                "unknown type",
+                json_case(r#"{"name":"s","type":"socket"}"#.into()),
+                |e| matches!(e, ZstdChunkedError::UnknownType { index: 0, kind, .. } if kind == "socket"),
+            ),
+            (
+                "unknown chunk type",
+                json_case(format!(
+                    r#"{{"name":"f","type":"reg","size":1,"offset":10,"digest":"{x}","chunkType":"holes"}}"#
+                )),
+                |e| matches!(e, ZstdChunkedError::BadEntry { detail, .. } if detail.contains("chunkType")),
+            ),
+            (
+                "chunk entry first",
+                json_case(format!(
+                    r#"{{"name":"f","type":"chunk","offset":10,"chunkOffset":0,"chunkDigest":"{x}"}}"#
+                )),
+                |e| matches!(e, ZstdChunkedError::OrphanChunk { index: 0, .. }),
+            ),
+            (
+                "chunk of another file",
+                json_case(format!(
+                    r#"{},{{"name":"g","type":"chunk","offset":20,"chunkOffset":1,"chunkDigest":"{x}"}}"#,
+                    reg("f")
+                )),
+                |e| matches!(e, ZstdChunkedError::OrphanChunk { index: 1, .. }),
+            ),
+            (
+                "chunk overlap",
+                json_case(format!(
+                    r#"{{"name":"f","type":"reg","size":10,"offset":100,"chunkSize":6,"chunkDigest":"{x}"}},{{"name":"f","type":"chunk","offset":200,"chunkOffset":4,"chunkDigest":"{x}"}}"#
+                )),
+                |e| matches!(e, ZstdChunkedError::Layer { source: TocError::BadChunks { .. }, .. }),
+            ),
+            (
+                "chunks exceed size",
+                json_case(format!(
+                    r#"{{"name":"f","type":"reg","size":10,"offset":100,"chunkSize":20,"chunkDigest":"{x}"}}"#
+                )),
+                |e| matches!(e, ZstdChunkedError::Layer { source: TocError::BadChunks { .. }, .. }),
+            ),
+            (
+                "chunk without digest",
+                json_case(
+                    r#"{"name":"f","type":"reg","size":10,"offset":100,"chunkSize":6},{"name":"f","type":"chunk","offset":200,"chunkOffset":6}"#.into(),
+                ),
+                |e| matches!(e, ZstdChunkedError::BadEntry { index: 0, detail, .. } if detail.contains("chunkDigest")),
+            ),
+            (
+                "file data without offset",
+                json_case(format!(r#"{{"name":"f","type":"reg","size":1,"digest":"{x}"}}"#)),
+                |e| matches!(e, ZstdChunkedError::BadEntry { detail, .. } if detail.contains("offset")),
+            ),
+            (
+                "negative offset",
+                json_case(format!(
+                    r#"{{"name":"f","type":"reg","size":1,"offset":-5,"chunkDigest":"{x}"}}"#
+                )),
+                |e| matches!(e, ZstdChunkedError::OffsetOutOfRange { offset: -5, field: "offset", .. }),
+            ),
+            (
+                "offset at the metadata",
+                json_case(format!(
+                    r#"{{"name":"f","type":"reg","size":1,"offset":4096,"chunkDigest":"{x}"}}"#
+                )),
+                |e| matches!(e, ZstdChunkedError::OffsetOutOfRange { offset: 4096, data_end: 4096, .. }),
+            ),
+            (
+                "endOffset past the data",
+                json_case(format!(
+                    r#"{{"name":"f","type":"reg","size":1,"offset":10,"endOffset":4097,"digest":"{x}"}}"#
+                )),
+                |e| matches!(e, ZstdChunkedError::OffsetOutOfRange { field: "endOffset", .. }),
+            ),
+            (
+                "endOffset before offset",
+                json_case(format!(
+                    r#"{{"name":"f","type":"reg","size":1,"offset":10,"endOffset":10,"digest":"{x}"}}"#
+                )),
+                |e| matches!(e, ZstdChunkedError::BadEntry { detail, .. } if detail.contains("endOffset")),
+            ),
+            (
+                "fractional size",
+                json_case(r#"{"name":"f","type":"reg","size":1.5}"#.into()),
+                |e| matches!(e, ZstdChunkedError::BadEntry { detail, .. } if detail.contains("size")),
+            ),
+            (
+                "dot-dot path",
+                json_case(reg("../etc/passwd")),
+                |e| matches!(e, ZstdChunkedError::Layer { source: TocError::BadPath(_), .. }),
+            ),
+            (
+                "absolute path",
+                json_case(reg("/abs")),
+                |e| matches!(e, ZstdChunkedError::Layer { source: TocError::BadPath(_), .. }),
+            ),
+            (
+                "hardlink to missing file",
+                json_case(r#"{"name":"h","type":"hardlink","linkName":"missing"}"#.into()),
+                |e| matches!(e, ZstdChunkedError::Layer { source: TocError::BadHardlink { .. }, .. }),
+            ),
+            (
+                "hardlink loop",
+                json_case(
+                    r#"{"name":"a","type":"hardlink","linkName":"b"},{"name":"b","type":"hardlink","linkName":"a"}"#.into(),
+                ),
+                |e| matches!(e, ZstdChunkedError::HardlinkLoop { .. }),
+            ),
+            (
+                "bad modtime",
+                json_case(r#"{"name":"d","type":"dir","modtime":"yesterday"}"#.into()),
+                |e| matches!(e, ZstdChunkedError::BadEntry { detail, .. } if detail.contains("modtime")),
+            ),
+            (
+                "bad xattr base64",
+                json_case(r#"{"name":"d","type":"dir","xattrs":{"user.a":"!!"}}"#.into()),
+                |e| matches!(e, ZstdChunkedError::BadEntry { detail, .. } if detail.contains("base64")),
+            ),
+            (
+                "bad digest",
+                json_case(
+                    r#"{"name":"f","type":"reg","size":1,"offset":1,"chunkDigest":"md5:00"}"#
+                        .into(),
+                ),
+                |e| matches!(e, ZstdChunkedError::BadEntry { detail, .. } if detail.contains("chunkDigest")),
+            ),
+            (
+                "too many entries",
+                Box::new(|| {
+                    let (blob, hint) =
+                        blob_with_toc(&toc(&[r#"{"name":"d","type":"dir"}"#; 5].join(",")));
+                    let cfg = ReaderConfig {
+                        max_entries: 3,
+                        ..ReaderConfig::default()
+                    };
+                    open_toc(&blob, 0, blob.len() as u64, &hint, &cfg)
+                }),
+                |e| matches!(e, ZstdChunkedError::TooManyEntries { limit: 3 }),
+            ),
+        ];
+        assert!(cases.len() >= 30);
+        for (name, run, check) in cases {
+            match run() {
+                Ok(_) => panic!("{name}: accepted"),
+                Err(e) => {
+                    eprintln!("{name}: {e}");
+                    assert!(check(&e), "{name}: unexpected error {e:?}");
+                    assert!(!e.to_string().is_empty());
+                }
+            }
+        }
+    }
+
+    fn mutate(base: &[u8], edits: &[(usize, u8)], cut: usize) -> (Vec<u8>, u64) {
+        let mut b = base.to_vec();
+        let n = b.len();
+        for &(i, v) in edits {
+            b[i % n] = v;
+        }
+        let cut = cut % n;
+        (b[cut..].to_vec(), cut as u64)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = parse_footer(&bytes);
+            let n = bytes.len() as u64;
+            let _ = open_toc(&bytes, 0, n, &TocHint::default(), &ReaderConfig::default());
+        }
+
+        #[test]
+        fn random_footers_never_panic(
+            fields in proptest::collection::vec(any::<u64>(), 7),
+            size in prop_oneof![Just(40usize), Just(56), Just(64)],
+            legacy in any::<bool>(),
+            prefix in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut p = Vec::new();
+            for f in &fields[..(size - 8) / 8] {
+                p.extend_from_slice(&f.to_le_bytes());
+            }
+            p.extend_from_slice(if legacy { LEGACY_FOOTER_MAGIC } else { FOOTER_MAGIC });
+            let mut blob = prefix;
+            blob.extend_from_slice(&skippable(&p));
+            let f = parse_footer(&blob);
+            prop_assert!(f.is_ok());
+            let n = blob.len() as u64;
+            let _ = open_toc(&blob, 0, n, &TocHint::default(), &ReaderConfig::default());
+        }
+
+        #[test]
+        fn random_annotations_never_panic(
+            pos in "[0-9:]{0,30}",
+            ts in "[0-9:x-]{0,20}",
+            sum in "(sha256:)?[0-9a-f]{0,64}",
+        ) {
+            let a = ann(&[
+                (MANIFEST_POSITION_ANNOTATION, &pos),
+                (TARSPLIT_POSITION_ANNOTATION, &ts),
+                (LEGACY_MANIFEST_CHECKSUM_ANNOTATION, &sum),
+            ]);
+            if let Ok(h) = TocHint::from_annotations(&a) {
+                let (blob, _) = sample();
+                let _ = h.toc_range(blob.len() as u64);
+                let _ = open(blob, &h);
+            }
+        }
+
+        #[test]
+        fn blob_mutations_never_panic(
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+            cut in any::<usize>(),
+            tail_edits in proptest::collection::vec((0usize..400, any::<u8>()), 0..4),
+            use_hint in any::<bool>(),
+        ) {
+            let (base, hint) = sample();
+            let (mut tail, start) = mutate(base, &edits, cut);
+            let n = tail.len();
+            for (i, v) in tail_edits {
+                if i < n {
+                    tail[n - 1 - i] = v;
+                }
+            }
+            let hint = if use_hint {
+                TocHint { manifest_checksum: None, ..hint.clone() }
+            } else {
+                TocHint::default()
+            };
+            let _ = open_toc(&tail, start, base.len() as u64, &hint, &ReaderConfig::default());
+        }
+
+        #[test]
+        fn toc_json_mutations_never_panic(
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+            trunc in any::<usize>(),
+        ) {
+            let x = d(b"x");
+            let json = format!(
+                r#"{{"version":1,"entries":[{{"type":"dir","name":"./d/","mode":16877,"modtime":"2019-08-20T10:30:43Z","accesstime":"0001-01-01T00:00:00Z"}},{{"type":"reg","name":"./d/f","size":10,"offset":100,"endOffset":300,"chunkSize":6,"chunkDigest":"{x}","xattrs":{{"a":"Yg=="}}}},{{"type":"chunk","name":"./d/f","offset":200,"chunkOffset":6,"chunkSize":4,"chunkDigest":"{x}","chunkType":"zeros"}},{{"type":"hardlink","name":"l","linkName":"./d/f"}},{{"type":"char","name":"c","devMajor":1,"devMinor":3}}],"tarSplitDigest":"{x}","{PREFETCH_END_KEY}":150}}"#
+            );
+            let (blob, hint) = blob_with_toc(&json);
+            prop_assert!(open(&blob, &hint).is_ok());
+            let mut j = json.into_bytes();
+            let n = j.len();
+            for (i, v) in edits {
+                j[i % n] = v;
+            }
+            j.truncate(n - trunc % 8);
+            let s = String::from_utf8_lossy(&j).into_owned();
+            let (blob, hint) = blob_with_toc(&s);
+            let _ = open(&blob, &hint);
+        }
+    }
+}
