@@ -3,10 +3,11 @@
 //! and stargz-snapshotter's (`ctr-remote images convert --oci --zstdchunked`) blobs all open
 //! lazily through `open_layer` (annotations, or the footer alone when the manifest lost them),
 //! serve every file byte-identical to the source tar, survive a daemon restart without the
-//! registry, and fall back to the verified whole fetch when the TOC is unusable.
+//! registry, and fall back to the verified whole fetch when the TOC is unusable. The other way
+//! round, podman's partial pull (containers/storage's own reader) reads lazypull's layers.
 //!
-//! skopeo and containerd/ctr-remote come from Debian; tests needing them fail with an install
-//! hint when they are missing.
+//! skopeo, podman and containerd/ctr-remote come from Debian; tests needing them fail with an
+//! install hint when they are missing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -1008,5 +1009,144 @@ async fn measure_write_and_read_throughput() {
             bytes / 1_000_000,
             bytes as f64 / took / 1e6
         );
+    }
+}
+
+/// podman with an isolated store (its own storage.conf, containers.conf, graph and run roots,
+/// partial pulls enabled, overlay driver); unmounts and removes everything on drop.
+struct Podman {
+    dir: TempDir,
+}
+
+impl Podman {
+    fn new() -> Podman {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        std::fs::write(
+            p.join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"overlay\"\nrunroot = \"{}/run\"\ngraphroot = \"{}/root\"\n\
+                 [storage.options]\npull_options = {{enable_partial_images = \"true\", \
+                 use_hard_links = \"false\", ostree_repos = \"\"}}\n",
+                p.display(),
+                p.display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            p.join("containers.conf"),
+            "[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
+        )
+        .unwrap();
+        Podman { dir }
+    }
+
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new("podman")
+            .env(
+                "CONTAINERS_STORAGE_CONF",
+                self.dir.path().join("storage.conf"),
+            )
+            .env("CONTAINERS_CONF", self.dir.path().join("containers.conf"))
+            .args([
+                "--tmpdir",
+                &self.dir.path().join("tmp").display().to_string(),
+            ])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("podman: {e}; install it with `apt-get install -y podman`"))
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["image", "unmount", "--all", "--force"]);
+        let _ = self.cmd(&["system", "reset", "--force"]);
+    }
+}
+
+/// The other direction: containers/storage (podman 4.3.1's partial pull) reads lazypull's
+/// zstd:chunked layers through their TOC (it fetches the TOC range, then the chunks), and the
+/// resulting root filesystem and diff ID equal the source tar's.
+#[tokio::test(flavor = "multi_thread")]
+async fn podman_partial_pull_reads_our_layers() {
+    let (tar, exp) = test_tar();
+    let mut blob = Vec::new();
+    let written = write_zstd_chunked(&tar[..], &mut blob, &WriterOptions::default()).unwrap();
+    let mut layer = Layer::new(blob)
+        .with_media_type(MEDIA_TYPE_OCI_LAYER_ZSTD)
+        .with_diff_id(written.diff_id);
+    for (k, v) in written.annotations() {
+        layer = layer.with_annotation(&k, &v);
+    }
+    let registry = TestRegistry::plain();
+    registry
+        .pusher()
+        .push_image_with(
+            "zc/podman",
+            "latest",
+            &ImageSpec::new(vec![layer], "linux", "amd64"),
+        )
+        .await;
+    let proxy = CountingProxy::start(&registry.host());
+    let image = format!("{}/zc/podman:latest", proxy.host());
+    let podman = Podman::new();
+    let out = tokio::task::block_in_place(|| {
+        podman.cmd(&["--log-level=debug", "pull", "--tls-verify=false", &image])
+    });
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "podman pull: {log}");
+    assert!(
+        log.contains("Retrieved partial blob"),
+        "podman did not pull the layer partially:\n{log}"
+    );
+    let needle = format!("/blobs/{}", written.blob_digest);
+    let toc_reads = proxy.count(|r| {
+        r.method == "GET"
+            && r.path.contains(&needle)
+            && r.range
+                .as_deref()
+                .is_some_and(|h| h.contains(&format!("{}-", written.toc.offset)))
+    });
+    assert_eq!(
+        toc_reads, 1,
+        "podman reads the TOC range the annotation names"
+    );
+
+    let out = podman.cmd(&["image", "inspect", &image, "--format", "{{.RootFS.Layers}}"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&written.diff_id.to_string()),
+        "diff ID: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = podman.cmd(&["image", "mount", &image]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    for (path, (content, mode)) in &exp.files {
+        let p = root.join(path);
+        assert!(std::fs::read(&p).unwrap() == *content, "{path}");
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777,
+            *mode,
+            "{path}"
+        );
+    }
+    for (path, target) in &exp.symlinks {
+        assert_eq!(
+            std::fs::read_link(root.join(path)).unwrap(),
+            PathBuf::from(target)
+        );
+    }
+    for (link, target) in &exp.hardlinks {
+        let (a, b) = (
+            std::fs::metadata(root.join(link)).unwrap(),
+            std::fs::metadata(root.join(target)).unwrap(),
+        );
+        assert_eq!(a.ino(), b.ino(), "{link} is a hard link to {target}");
     }
 }
