@@ -2,7 +2,8 @@
 //!
 //! The crate knows nothing of filesystems. It resolves image references to manifests, reads
 //! blobs (whole and by range) with authentication, retries and per-host configuration
-//! ([`registry::Registry`]), schedules ranged reads by priority with single-flight and merging
+//! ([`registry::Registry`]), pushes blobs and manifests for `lazypull convert`
+//! ([`push`]), schedules ranged reads by priority with single-flight and merging
 //! ([`blob::FetchEngine`]), and stores verified chunks in a content-addressed on-disk cache
 //! ([`cache::ChunkCache`]).
 

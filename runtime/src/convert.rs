@@ -914,8 +914,9 @@ pub struct ConvertReport {
     pub tar_bytes: u64,
     /// Converted blob bytes.
     pub blob_bytes: u64,
-    /// Sum over layers of the time spent converting (CPU-bound part).
-    pub convert_time: Duration,
+    /// CPU time (user + system) the process used during the conversion, all threads: with
+    /// the tar bytes, a throughput figure that other load on the machine does not distort.
+    pub cpu_time: Option<Duration>,
     /// Wall-clock time of the whole conversion.
     pub elapsed: Duration,
 }
@@ -954,6 +955,7 @@ pub async fn convert_image(
     reporter: Arc<dyn Reporter>,
 ) -> Result<ConvertReport, ConvertError> {
     let started = Instant::now();
+    let cpu_at_start = process_cpu();
     let source = Source {
         location: src,
         registry,
@@ -1018,6 +1020,20 @@ pub async fn convert_image(
     match &top_parsed {
         Manifest::Image(_) => {
             let (doc, config, value) = load(top.clone()).await?;
+            if let Platforms::One(p) = &opts.platforms {
+                let c: Value = serde_json::from_slice(&config.bytes).unwrap_or(Value::Null);
+                let os = c.get("os").and_then(Value::as_str).unwrap_or_default();
+                let arch = c
+                    .get("architecture")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                if os != p.os || arch != p.architecture {
+                    reporter.note(&format!(
+                        "{image_name} is a single-platform image ({os}/{arch}); converting it \
+                         although --platform asked for {p}"
+                    ));
+                }
+            }
             plans.push(add_image(doc, config, value, None, &mut unique)?);
         }
         Manifest::Index(index) => {
@@ -1207,7 +1223,7 @@ pub async fn convert_image(
                         pushed,
                     },
                 );
-                Ok::<_, ConvertError>((converted, convert_time))
+                Ok::<_, ConvertError>(converted)
             }
         }))
         .await
@@ -1257,7 +1273,7 @@ pub async fn convert_image(
                 new_ids.push(old_id.clone());
                 continue;
             };
-            let (c, _) = &results[*u];
+            let c = &results[*u];
             let mut d = desc.clone();
             let media_type = if docker && c.media_type == OCI_LAYER_GZIP {
                 DOCKER_LAYER_GZIP
@@ -1365,12 +1381,26 @@ pub async fn convert_image(
         media_type,
         images: plans.len(),
         layers: results.len(),
-        source_bytes: results.iter().map(|(c, _)| c.source_size).sum(),
-        tar_bytes: results.iter().map(|(c, _)| c.tar_size).sum(),
-        blob_bytes: results.iter().map(|(c, _)| c.size).sum(),
-        convert_time: results.iter().map(|(_, t)| *t).sum(),
+        source_bytes: results.iter().map(|c| c.source_size).sum(),
+        tar_bytes: results.iter().map(|c| c.tar_size).sum(),
+        blob_bytes: results.iter().map(|c| c.size).sum(),
+        cpu_time: process_cpu()
+            .zip(cpu_at_start)
+            .map(|(now, then)| now.saturating_sub(then)),
         elapsed: started.elapsed(),
     })
+}
+
+/// User + system CPU time of this process so far (all threads), from `/proc/self/stat`
+/// (fields 14 and 15, in USER_HZ = 100 ticks per second on Linux).
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces; fields after it are space-separated.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
 }
 
 fn platform_suffix(config: &Value) -> String {

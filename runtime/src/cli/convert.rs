@@ -181,9 +181,17 @@ fn mb_per_s(bytes: u64, d: Duration) -> f64 {
 }
 
 fn summary(src: &Location, dst: &Location, r: &ConvertReport) {
+    let cpu = match r.cpu_time {
+        Some(c) => format!(
+            ", {:.0} MB/s per CPU second ({:.1} CPU s)",
+            mb_per_s(r.tar_bytes, c),
+            c.as_secs_f64()
+        ),
+        None => String::new(),
+    };
     eprintln!(
         "converted {src} -> {dst}: {} image(s), {} layer(s); {} of tar ({} compressed in, {} out) \
-         in {:.1} s ({:.0} MB/s of tar overall, {:.0} MB/s per converting core)",
+         in {:.1} s ({:.0} MB/s of tar{cpu})",
         r.images,
         r.layers,
         human_bytes(r.tar_bytes),
@@ -191,7 +199,6 @@ fn summary(src: &Location, dst: &Location, r: &ConvertReport) {
         human_bytes(r.blob_bytes),
         r.elapsed.as_secs_f64(),
         mb_per_s(r.tar_bytes, r.elapsed),
-        mb_per_s(r.tar_bytes, r.convert_time),
     );
     eprintln!("{dst}: {} ({})", r.digest, r.media_type);
 }
