@@ -769,7 +769,7 @@ fn throughput() {
     });
     for level in [3, 10] {
         time(
-            &format!("write_zstd_chunked level {level} (tar in)"),
+            &format!("zstd_chunked level {level} (workers: see wall)"),
             &mut || {
                 for t in &tars {
                     let opts = lazypull_fs::zstd_chunked::WriterOptions {

@@ -128,6 +128,11 @@ impl State {
 /// request. `ready` is called once the socket accepts connections.
 pub async fn serve(settings: Settings, registry: Registry, ready: impl FnOnce()) -> Result<()> {
     let root = settings.root.clone();
+    // One daemon per root (the snapshotter's store needs it; issue 6).
+    let Some(_root_lock) = snapshots::lock_root(&root, &settings.address).await? else {
+        ready();
+        return Ok(());
+    };
     for d in ["layers", "containers", "local", "runc"] {
         std::fs::create_dir_all(root.join(d))
             .with_context(|| format!("creating {}", root.join(d).display()))?;

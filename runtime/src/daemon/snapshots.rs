@@ -219,6 +219,60 @@ async fn mount(state: &Shared, layer: &RemoteLayer) -> Result<MountedLayer> {
     Ok(MountedLayer { dir, labels })
 }
 
+/// One daemon per root: held for the daemon's lifetime (`<root>/daemon.lock`, flock).
+///
+/// The snapshotter's redb store can be open in one process only, and a second daemon on the
+/// same root would also clean "stale" mounts that are the first one's live mounts. Two
+/// commands that find no daemon may start one each at the same moment; the second then
+/// waits until the first answers on its socket and returns `None`: the caller reports ready
+/// and exits, and its client talks to the first daemon.
+pub async fn lock_root(
+    root: &std::path::Path,
+    address: &std::path::Path,
+) -> Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    use nix::fcntl::{Flock, FlockArg};
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let path = root.join("daemon.lock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut announced = false;
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(Some(lock)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {}
+            Err((_, e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
+        }
+        // A live daemon answers a ping (a dying one may still hold its socket open).
+        let mut quiet = |_: &str| {};
+        let ping = crate::api::request(address, &crate::api::Request::Ping, &mut quiet);
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(2), ping)
+            .await
+            .is_ok_and(|r| r.is_ok_and(|r| r.ok));
+        if answered {
+            tracing::info!(root = %root.display(),
+                "another lazypull daemon serves this root; leaving it to that one");
+            return Ok(None);
+        }
+        if !announced {
+            tracing::info!(root = %root.display(), "waiting for the daemon that holds this root");
+            announced = true;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "another process holds {} and its daemon does not answer on {}",
+                path.display(),
+                address.display()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// The snapshotter while it serves.
 pub struct Running {
     stop: Option<oneshot::Sender<()>>,
