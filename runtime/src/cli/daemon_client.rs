@@ -29,6 +29,24 @@ pub async fn ensure_daemon(s: &Settings) -> Result<()> {
     }
     preflight()?;
     std::fs::create_dir_all(&s.root).with_context(|| format!("creating {}", s.root.display()))?;
+    // Commands started together (a `run` and a `ps`) must not both start a daemon: the
+    // second would take over the socket. One starts it under this lock; the others wait and
+    // then find it answering.
+    let lock_path = s.root.join("daemon-start.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    let _lock = tokio::task::spawn_blocking(move || {
+        nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e)
+    })
+    .await?
+    .with_context(|| format!("locking {}", lock_path.display()))?;
+    if tokio::net::UnixStream::connect(&s.address).await.is_ok() {
+        return Ok(());
+    }
     let log_path = s.log_path();
     let log = std::fs::OpenOptions::new()
         .create(true)
