@@ -365,7 +365,7 @@ async fn ctrl_c_of_a_foreground_run_stops_and_removes_the_container() {
         assert_eq!(mounts_of(&lp, "overlay"), 0);
         assert!(runc_containers(&lp).is_empty());
         let procs = Command::new("pgrep")
-            .args(["-f", "sleep 100"])
+            .args(["-f", "sleep 171"])
             .output()
             .unwrap();
         assert!(
