@@ -342,7 +342,7 @@ async fn ctrl_c_of_a_foreground_run_stops_and_removes_the_container() {
                 "fg",
                 &image,
                 "sleep",
-                "100",
+                "171",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
