@@ -36,15 +36,20 @@ use crate::metrics::Reason;
 use crate::reference::Reference;
 use crate::registry::Registry;
 
-/// How urgent a read is. Ordered: `OnDemand` > `Prefetch` > `Background`.
+/// How urgent a read is. Ordered: `OnDemand` > `ReadAhead` > `Prefetch` > `Background`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Priority {
     /// Filling the rest of a layer while nobody waits.
     Background = 0,
-    /// Fetching what the workload is known to read soon.
+    /// Fetching what the workload is known to read soon (a recorded list or the eStargz
+    /// prefetch landmark).
     Prefetch = 1,
+    /// The rest of a file a process has started reading: nobody waits on it yet, so it never
+    /// takes the slots kept for blocked reads, but it was caused by a read and is counted
+    /// under [`Reason::OnDemand`].
+    ReadAhead = 2,
     /// A process is blocked on this read.
-    OnDemand = 2,
+    OnDemand = 3,
 }
 
 /// Tuning of the engine.
@@ -586,7 +591,7 @@ impl RemoteBlob {
             Reason::Toc
         } else {
             match span.priority.load(Ordering::Relaxed) {
-                p if p >= Priority::OnDemand as u8 => Reason::OnDemand,
+                p if p >= Priority::ReadAhead as u8 => Reason::OnDemand,
                 p if p == Priority::Prefetch as u8 => Reason::Prefetch,
                 _ => Reason::Background,
             }

@@ -257,7 +257,7 @@ impl LayerSource {
             .take_while(|c| c.file_offset < end)
             .copied()
             .collect();
-        // Read-ahead: the rest of the file (bounded) at prefetch priority, in the background.
+        // Read-ahead: the rest of the file (bounded), in the background, below blocked reads.
         let ahead_end = end.saturating_add(self.inner.config.read_ahead);
         let ahead: Vec<Chunk> = chunks[first + wanted.len()..]
             .iter()
@@ -274,7 +274,7 @@ impl LayerSource {
         if !ahead.is_empty() && priority == Priority::OnDemand {
             let this = self.clone();
             self.inner.runtime.spawn(async move {
-                let _ = this.fetch_many(&ahead, Priority::Prefetch).await;
+                let _ = this.fetch_many(&ahead, Priority::ReadAhead).await;
             });
         }
         let parts = self.fetch_many(&wanted, priority).await?;
