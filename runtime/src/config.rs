@@ -71,6 +71,9 @@ pub struct FileConfig {
     pub metrics_address: Option<String>,
     /// containerd snapshotter socket; empty disables the snapshotter.
     pub snapshotter_socket: Option<PathBuf>,
+    /// Directory at which to serve the podman / CRI-O additional layer store; absent or
+    /// empty: off.
+    pub layer_store: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -124,6 +127,8 @@ pub struct Settings {
     pub metrics_address: Option<String>,
     /// The containerd snapshotter's unix socket (`proxy_plugins`); `None` when disabled.
     pub snapshotter_socket: Option<PathBuf>,
+    /// Where the containers/storage additional layer store is mounted; `None` when off.
+    pub layer_store: Option<PathBuf>,
 }
 
 /// The command-line side of [`Settings`]: `None` means "not given on the command line".
@@ -194,6 +199,12 @@ pub struct SettingsArgs {
     /// [default: /run/lazypull/snapshotter.sock].
     #[arg(long, global = true, value_name = "SOCKET")]
     pub snapshotter_socket: Option<String>,
+
+    /// Serve an additional layer store for podman / CRI-O at DIR (containers/storage reads
+    /// `DIR/<base64(image)>/<layer digest>/{diff,info,blob}`; name it in storage.conf as
+    /// `additionallayerstores = ["DIR:ref"]`); an empty value disables it [default: off].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub layer_store: Option<String>,
 }
 
 impl SettingsArgs {
@@ -262,6 +273,12 @@ impl SettingsArgs {
                     .unwrap_or_else(|| PathBuf::from("/run/lazypull/snapshotter.sock")),
             )
             .filter(|p| !p.as_os_str().is_empty()),
+            layer_store: self
+                .layer_store
+                .clone()
+                .map(PathBuf::from)
+                .or(file.layer_store)
+                .filter(|p| !p.as_os_str().is_empty()),
         }
     }
 }
@@ -302,6 +319,13 @@ impl Settings {
         a.push("--snapshotter-socket".to_string());
         a.push(
             self.snapshotter_socket
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        );
+        a.push("--layer-store".to_string());
+        a.push(
+            self.layer_store
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
@@ -376,6 +400,7 @@ mod tests {
             log_format: LogFormat::Json,
             metrics_address: Some("127.0.0.1:9880".into()),
             snapshotter_socket: Some("/r/snap.sock".into()),
+            layer_store: Some("/r/store".into()),
         };
         let mut argv = vec!["x".to_string()];
         argv.extend(s.to_args());
@@ -383,6 +408,7 @@ mod tests {
         assert_eq!(t.s.resolve().unwrap(), s);
         let off = Settings {
             snapshotter_socket: None,
+            layer_store: None,
             ..s
         };
         let mut argv = vec!["x".to_string()];

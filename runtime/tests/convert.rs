@@ -16,6 +16,7 @@ use lazypull_fetcher::credentials::CredentialStore;
 use lazypull_fetcher::hosts::HostsConfig;
 use lazypull_fetcher::{Digest, Manifest, Reference, Registry, RegistryConfig};
 use lazypull_tests::images::realistic_layers;
+use lazypull_tests::podman::{Podman, PARTIAL_PULLS};
 use lazypull_tests::tree::{apply_layers, describe_tree, diff_trees};
 use lazypull_tests::{
     gzip, ImageSpec, Layer, ManifestFormat, RegistryAuth, TestRegistry, MEDIA_TYPE_OCI_LAYER,
@@ -784,82 +785,6 @@ fn throughput() {
     }
 }
 
-/// A private podman (storage, run root, configuration) under a temp dir, partial pulls on.
-struct Podman {
-    dir: tempfile::TempDir,
-}
-
-impl Podman {
-    fn new(registry_hosts: &[String]) -> Podman {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path();
-        std::fs::write(
-            p.join("storage.conf"),
-            format!(
-                "[storage]\ndriver = \"overlay\"\ngraphroot = \"{root}\"\nrunroot = \"{run}\"\n\
-                 [storage.options]\npull_options = {{enable_partial_images = \"true\", \
-                 use_hard_links = \"false\", ostree_repos = \"\"}}\n",
-                root = p.join("root").display(),
-                run = p.join("run").display()
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            p.join("containers.conf"),
-            "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=4096:4096\"]\n\
-             [engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
-        )
-        .unwrap();
-        let mut regs = String::from("unqualified-search-registries = []\n");
-        for h in registry_hosts {
-            regs.push_str(&format!(
-                "[[registry]]\nlocation = \"{h}\"\ninsecure = true\n"
-            ));
-        }
-        std::fs::write(p.join("registries.conf"), regs).unwrap();
-        Podman { dir }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Output {
-        let p = self.dir.path();
-        std::process::Command::new("podman")
-            .env("CONTAINERS_STORAGE_CONF", p.join("storage.conf"))
-            .env("CONTAINERS_CONF", p.join("containers.conf"))
-            .env("CONTAINERS_REGISTRIES_CONF", p.join("registries.conf"))
-            .arg("--root")
-            .arg(p.join("root"))
-            .arg("--runroot")
-            .arg(p.join("run"))
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Podman {
-    fn drop(&mut self) {
-        let _ = self.cmd(&["rm", "-af"]);
-        let _ = self.cmd(&["rmi", "-af"]);
-        let _ = self.cmd(&["system", "reset", "-f"]);
-        // Whatever overlay mounts podman left under its root.
-        let root = self.dir.path().to_string_lossy().into_owned();
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut points: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(4))
-            .filter(|m| m.starts_with(&root))
-            .collect();
-        points.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in points {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(m)
-                .status();
-        }
-    }
-}
-
 /// podman 4.3 (Debian) pulls and runs what `lazypull convert` writes, in both formats, and
 /// pulls it *partially* (containers/storage's chunked differ: ranged GETs of the chunks it does
 /// not have locally, "Retrieved partial blob" in its log) rather than downloading whole blobs.
@@ -909,7 +834,7 @@ async fn podman_pulls_converted_images_partially_and_runs_them() {
             .iter()
             .map(|l| l["size"].as_u64().unwrap())
             .sum();
-        let podman = Podman::new(&hosts);
+        let podman = Podman::new(&hosts, PARTIAL_PULLS);
         let (gets, ranged, bytes, partial) = tokio::task::block_in_place(|| pull(&podman, tag));
         eprintln!(
             "podman 4.3 pull of {format} ({blob_bytes} bytes of layers): {gets} blob GETs, \

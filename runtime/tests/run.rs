@@ -8,8 +8,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{build_tar, busybox_layer, estargz_layer, lazypull, runnable_config, Lazypull, E};
-use lazypull_tests::images::{entry_point_files, realistic_layers};
+use common::{
+    build_tar, busybox_layer, estargz_layer, lazypull, realistic_image, runnable_config,
+    sha256_hex, Lazypull, RealisticImage, E,
+};
 use lazypull_tests::{gzip, CountingProxy, ImageSpec, Layer, RegistryAuth, TestRegistry};
 
 fn have_runc() -> bool {
@@ -45,11 +47,6 @@ fn small_image() -> Vec<Vec<u8>> {
         E::File("srv/hello.txt", 0o644, b"hello from the image\n".to_vec()),
     ]);
     vec![data, busybox_layer(&["srv/hello.txt".to_string()])]
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(data))
 }
 
 fn stdout(out: &std::process::Output) -> String {
@@ -109,15 +106,7 @@ async fn realistic_image_runs_lazily_as_estargz_and_as_plain_gzip() {
     }
     let registry = TestRegistry::plain();
     let proxy = CountingProxy::start(&registry.host());
-    let files = entry_point_files();
-    let mut tars = realistic_layers(7);
-    let merged = tempfile::tempdir().unwrap();
-    lazypull_tests::tree::apply_layers(&tars, merged.path());
-    // The busybox layer's `bin` directory replaces the base's `bin -> usr/bin` symlink, as
-    // overlayfs does (the tar-based reference extraction cannot do that).
-    tars.push(busybox_layer(&files[..40]));
-    let last = std::fs::read(merged.path().join(&files[39])).unwrap();
-    let expected = format!("entry: 40 files\n{}  /{}\n", sha256_hex(&last), files[39]);
+    let RealisticImage { tars, expected, .. } = realistic_image(40);
     let total: u64 = tars.iter().map(|t| t.len() as u64).sum();
     push(&registry, "real/estargz", &tars, true).await;
     push(&registry, "real/gzip", &tars, false).await;

@@ -20,8 +20,10 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{build_tar, busybox_layer, estargz_layer, lazypull, runnable_config, Lazypull, E};
-use lazypull_tests::images::{entry_point_files, realistic_layers};
+use common::{
+    build_tar, busybox_layer, estargz_layer, lazypull, realistic_image, runnable_config,
+    sha256_hex, Lazypull, RealisticImage, E,
+};
 use lazypull_tests::{gzip, CountingProxy, ImageSpec, Layer, TestContainerd, TestRegistry};
 
 fn have_runc() -> bool {
@@ -34,11 +36,6 @@ fn stdout(out: &Output) -> String {
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(data))
 }
 
 /// Pushes `tars` (base first) as `repo:v1` with the runnable config, as eStargz or plain
@@ -293,22 +290,16 @@ fn realistic_estargz_image_starts_reading_a_small_part() {
     }
     let registry = TestRegistry::plain();
     let proxy = CountingProxy::start(&registry.host());
-    let files = entry_point_files();
-    let mut tars = realistic_layers(7);
-    let merged = tempfile::tempdir().unwrap();
-    lazypull_tests::tree::apply_layers(&tars, merged.path());
     // The entry point reads what starting the interpreter maps: the dynamic loader, its cache
     // and the shared libraries (14 files, 11.4 MB of 410 MB). (With the first 40 files the
     // workload itself reads 25.8 MB, 13% of the compressed image: above the 10% bound
     // whatever the filesystem does.)
     const READ: usize = 14;
-    tars.push(busybox_layer(&files[..READ]));
-    let last = std::fs::read(merged.path().join(&files[READ - 1])).unwrap();
-    let expected = format!(
-        "entry: {READ} files\n{}  /{}\n",
-        sha256_hex(&last),
-        files[READ - 1]
-    );
+    let RealisticImage {
+        tars,
+        expected,
+        read_bytes: read,
+    } = realistic_image(READ);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let compressed = rt.block_on(push(&registry, "real/estargz", &tars, true));
     drop(rt);
@@ -324,10 +315,6 @@ fn realistic_estargz_image_starts_reading_a_small_part() {
     let total = started.elapsed();
     assert_eq!(out, expected);
     let fetched = proxy.total_body_bytes();
-    let read: u64 = files[..READ]
-        .iter()
-        .map(|f| std::fs::metadata(merged.path().join(f)).map_or(0, |m| m.len()))
-        .sum();
     eprintln!(
         "realistic eStargz image: rpull {:.2} s, rpull + ctr run {:.2} s; registry served \
          {fetched} of {compressed} compressed bytes ({:.1}%; {at_pull} during rpull); the \

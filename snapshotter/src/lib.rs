@@ -28,6 +28,7 @@
 //! containerd-client's, with message types incompatible with it.
 
 pub mod filter;
+pub mod layer_store;
 pub mod meta;
 mod service;
 

@@ -16,6 +16,7 @@
 pub mod containerd;
 pub mod driver;
 pub mod images;
+pub mod podman;
 pub mod proxy;
 pub mod push;
 pub mod registry;
@@ -28,6 +29,7 @@ pub mod util;
 pub use containerd::TestContainerd;
 pub use driver::Lazypull;
 pub use lazypull_fetcher::Digest;
+pub use podman::Podman;
 pub use proxy::{BodyOutcome, CountingProxy, RecordedRequest};
 pub use push::{
     ImageSpec, Layer, ManifestFormat, PushAuth, PushedImage, Pusher, MEDIA_TYPE_DOCKER_CONFIG,

@@ -25,7 +25,8 @@ pub static FALLBACKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "lazypull_fallbacks_total",
         "Layers or pulls that could not be served lazily, by cause \
-         (no_toc: fetched whole; auth, registry_error: the pull failed).",
+         (no_toc: fetched whole; auth, registry_error: the pull failed; snapshotter, \
+         layer_store: left to containerd / podman to download).",
         &["cause"]
     )
     .expect("metric registers once")

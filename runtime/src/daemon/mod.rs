@@ -9,6 +9,7 @@
 //! the recorded images again.
 
 mod containers;
+mod layer_store; // podman / CRI-O additional layer store (issue 7)
 mod layers;
 pub mod metrics;
 pub mod mounts;
@@ -191,6 +192,8 @@ pub async fn serve(settings: Settings, registry: Registry, ready: impl FnOnce())
 
     // containerd snapshotter: remote snapshots remounted before its socket accepts requests.
     let snapshotter = snapshots::start(&state, &settings).await?;
+    // podman / CRI-O additional layer store.
+    let layer_store = layer_store::start(&state, &settings)?;
 
     let sock = &settings.address;
     if let Some(dir) = sock.parent() {
@@ -239,6 +242,10 @@ pub async fn serve(settings: Settings, registry: Registry, ready: impl FnOnce())
     }
     if let Some(s) = snapshotter {
         s.stop().await; // containerd snapshotter (issue 6)
+    }
+    if let Some(s) = layer_store {
+        // Blocking: waits for the session thread, which may be answering from a task.
+        tokio::task::spawn_blocking(move || s.unmount()).await.ok();
     }
     shutdown(&state).await;
     let _ = std::fs::remove_file(sock);

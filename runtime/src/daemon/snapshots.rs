@@ -186,7 +186,9 @@ async fn check_lazy(state: &Shared, reference: &Reference, rec: &LayerRecord) ->
     }
 }
 
-async fn mount(state: &Shared, layer: &RemoteLayer) -> Result<MountedLayer> {
+/// Mounts `layer` for a client that only knows it by image reference and digest (the
+/// containerd snapshotter, the podman layer store), taking one reference on the mount.
+pub(super) async fn mount(state: &Shared, layer: &RemoteLayer) -> Result<MountedLayer> {
     let reference: Reference = layer
         .image_ref
         .parse()

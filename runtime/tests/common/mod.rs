@@ -111,6 +111,24 @@ pub fn estargz_layer(tar: &[u8], prefetch: Option<Vec<String>>) -> (Layer, u64) 
     (layer, size)
 }
 
+/// Converts a tar to a zstd:chunked layer for the pusher, with the annotations that locate
+/// its TOC.
+pub fn zstd_chunked_layer(tar: &[u8]) -> Layer {
+    let mut out = Vec::new();
+    let opts = lazypull_fs::zstd_chunked::writer::WriterOptions {
+        level: 3,
+        ..Default::default()
+    };
+    let w = lazypull_fs::zstd_chunked::write_zstd_chunked(tar, &mut out, &opts).unwrap();
+    let mut layer = Layer::new(out)
+        .with_media_type(lazypull_tests::MEDIA_TYPE_OCI_LAYER_ZSTD)
+        .with_diff_id(w.diff_id);
+    for (k, v) in w.annotations() {
+        layer = layer.with_annotation(&k, &v);
+    }
+    layer
+}
+
 /// Converts `tars` (base first) to eStargz and pushes them as `repo:v1` (linux/amd64);
 /// returns what was pushed and the eStargz blobs.
 pub async fn push_estargz(
@@ -201,3 +219,46 @@ pub fn sample_top_layer() -> Vec<u8> {
 
 #[allow(unused_imports)]
 pub use lazypull_tests::runnable::{busybox_layer, runnable_config};
+
+/// SHA-256 of `data` in hex, as `sha256sum` prints it (the entry point's output).
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// The realistic python-shaped image made runnable: its 7 layers and a busybox entry point
+/// that reads the first `read` files of [`lazypull_tests::images::entry_point_files`].
+pub struct RealisticImage {
+    /// Layer tars, base first (the entry point's layer last).
+    pub tars: Vec<Vec<u8>>,
+    /// What the entry point prints.
+    pub expected: String,
+    /// Total size of the files the entry point reads.
+    pub read_bytes: u64,
+}
+
+/// Builds [`RealisticImage`]; the expected output is computed from a plain extraction.
+pub fn realistic_image(read: usize) -> RealisticImage {
+    let files = lazypull_tests::images::entry_point_files();
+    let mut tars = lazypull_tests::images::realistic_layers(7);
+    let merged = tempfile::tempdir().unwrap();
+    lazypull_tests::tree::apply_layers(&tars, merged.path());
+    // The busybox layer's `bin` directory replaces the base's `bin -> usr/bin` symlink, as
+    // overlayfs does (the tar-based reference extraction cannot do that).
+    tars.push(busybox_layer(&files[..read]));
+    let last = std::fs::read(merged.path().join(&files[read - 1])).unwrap();
+    let expected = format!(
+        "entry: {read} files\n{}  /{}\n",
+        sha256_hex(&last),
+        files[read - 1]
+    );
+    let read_bytes = files[..read]
+        .iter()
+        .map(|f| std::fs::metadata(merged.path().join(f)).map_or(0, |m| m.len()))
+        .sum();
+    RealisticImage {
+        tars,
+        expected,
+        read_bytes,
+    }
+}

@@ -1,0 +1,255 @@
+//! The podman / CRI-O additional layer store (`lazypull serve --layer-store DIR`) through a
+//! real podman 4.3 with its own storage.conf (`additionallayerstores = ["DIR:ref"]`), a real
+//! registry behind a counting proxy, and runc:
+//!
+//! - the realistic eStargz image: `podman pull` fetches a few percent of it, `podman run`
+//!   prints the entry point's output, `podman rmi` / `image prune` give no GC warning, a second
+//!   pull fetches no layer bytes, and after a daemon restart `podman run` works again;
+//! - a zstd:chunked image through the store, and a plain gzip one through podman's own
+//!   download (the store answers "no such layer").
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Instant;
+
+use common::{
+    build_tar, busybox_layer, estargz_layer, lazypull, realistic_image, runnable_config,
+    sha256_hex, zstd_chunked_layer, RealisticImage, E,
+};
+use lazypull_tests::podman::{layer_store_options, Podman};
+use lazypull_tests::{gzip, CountingProxy, ImageSpec, Layer, TestRegistry};
+
+fn have_tools() -> bool {
+    let runc = Path::new("/usr/sbin/runc").exists() || Path::new("/usr/bin/runc").exists();
+    if !(runc && Path::new("/usr/bin/podman").exists()) {
+        eprintln!("podman or runc not installed; skipping");
+        return false;
+    }
+    true
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The store's directory, detached on drop even when the daemon died without unmounting it.
+struct StoreDir {
+    dir: tempfile::TempDir,
+}
+
+impl StoreDir {
+    fn new() -> StoreDir {
+        StoreDir {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    fn mounted(&self) -> bool {
+        let p = self.path().to_string_lossy().into_owned();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split_whitespace().nth(4) == Some(p.as_str()))
+    }
+}
+
+impl Drop for StoreDir {
+    fn drop(&mut self) {
+        if self.mounted() {
+            let _ = nix::mount::umount2(&self.path(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Pushes `layers` with the runnable config as `repo:v1`; returns their compressed size.
+async fn push(registry: &TestRegistry, repo: &str, layers: Vec<Layer>) -> u64 {
+    let size = layers.iter().map(|l| l.data.len() as u64).sum();
+    let mut spec = ImageSpec::new(layers, "linux", "amd64");
+    spec.config = runnable_config();
+    registry.pusher().push_image_with(repo, "v1", &spec).await;
+    size
+}
+
+/// Registry bytes served for the blobs named in `layer_digests`.
+fn layer_bytes(proxy: &CountingProxy, layer_digests: &[String]) -> u64 {
+    proxy
+        .requests()
+        .iter()
+        .filter(|r| layer_digests.iter().any(|d| r.path.ends_with(d.as_str())))
+        .map(|r| r.body_bytes)
+        .sum()
+}
+
+fn assert_no_warning(out: &Output, what: &str) {
+    assert!(out.status.success(), "{what}: {}", stderr(out));
+    let err = stderr(out);
+    assert!(
+        !err.contains("GC doesn't seem") && !err.contains("WARN"),
+        "{what} warned: {err}"
+    );
+}
+
+#[test]
+fn podman_pulls_the_realistic_image_lazily_through_the_store() {
+    if !have_tools() {
+        return;
+    }
+    let registry = TestRegistry::plain();
+    let proxy = CountingProxy::start(&registry.host());
+    // The entry point reads what starting the interpreter maps (14 files, 11.4 MB).
+    let RealisticImage { tars, expected, .. } = realistic_image(14);
+    let layers: Vec<Layer> = std::thread::scope(|s| {
+        let hs: Vec<_> = tars
+            .iter()
+            .map(|t| s.spawn(move || estargz_layer(t, None).0))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let digests: Vec<String> = layers
+        .iter()
+        .map(|l| lazypull_tests::Digest::sha256_of(&l.data).to_string())
+        .collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let compressed = rt.block_on(push(&registry, "store/real", layers));
+    drop(rt);
+
+    let store = StoreDir::new();
+    let store_path = store.path().display().to_string();
+    let lp = lazypull(&["--layer-store", &store_path, "--background-fill", "false"]);
+    lp.ok(&["ps"]); // starts the daemon, which mounts the store
+    assert!(store.mounted(), "store not mounted: {}", lp.log());
+    let podman = Podman::new(&[proxy.host()], &layer_store_options(&store.path()));
+    let image = format!("{}/store/real:v1", proxy.host());
+
+    proxy.reset();
+    let started = Instant::now();
+    let out = podman.cmd(&["pull", &image]);
+    let pulled = started.elapsed();
+    assert_no_warning(&out, "podman pull");
+    let at_pull = layer_bytes(&proxy, &digests);
+    let out = podman.cmd(&["run", "--rm", "--network", "none", &image]);
+    let total = started.elapsed();
+    assert!(out.status.success(), "podman run: {}", stderr(&out));
+    assert_eq!(stdout(&out), expected);
+    let fetched = layer_bytes(&proxy, &digests);
+    eprintln!(
+        "podman through the store: pull {:.2} s ({at_pull} layer bytes), pull + run {:.2} s; \
+         {fetched} of {compressed} compressed bytes ({:.1}%)",
+        pulled.as_secs_f64(),
+        total.as_secs_f64(),
+        fetched as f64 * 100.0 / compressed as f64
+    );
+    assert!(
+        at_pull * 20 < compressed,
+        "podman pull fetched {at_pull} of {compressed} bytes: the store did not serve it"
+    );
+    assert!(
+        fetched < compressed / 10,
+        "pull + run fetched {fetched} of {compressed} bytes"
+    );
+
+    // rmi and prune release the layers without GC warnings; a second pull reuses them.
+    assert_no_warning(&podman.cmd(&["rmi", &image]), "podman rmi");
+    assert_no_warning(&podman.cmd(&["image", "prune", "-f"]), "podman image prune");
+    proxy.reset();
+    assert_no_warning(&podman.cmd(&["pull", &image]), "second podman pull");
+    assert_eq!(
+        layer_bytes(&proxy, &digests),
+        0,
+        "the second pull fetched layer bytes"
+    );
+
+    // The daemon restarts while podman has a container of the image: a new run works.
+    let out = podman.cmd(&["create", "--name", "kept", "--network", "none", &image]);
+    assert!(out.status.success(), "podman create: {}", stderr(&out));
+    assert!(lp.shutdown(), "daemon did not stop: {}", lp.log());
+    assert!(!store.mounted(), "the store outlived the daemon");
+    lp.ok(&["ps"]);
+    assert!(store.mounted(), "store not mounted again: {}", lp.log());
+    let out = podman.cmd(&["run", "--rm", "--network", "none", &image]);
+    assert!(
+        out.status.success(),
+        "podman run after restart: {}\n{}",
+        stderr(&out),
+        lp.log()
+    );
+    assert_eq!(stdout(&out), expected);
+    assert!(podman.cmd(&["rm", "kept"]).status.success());
+}
+
+#[test]
+fn zstd_chunked_goes_through_the_store_and_plain_gzip_through_podman() {
+    if !have_tools() {
+        return;
+    }
+    let registry = TestRegistry::plain();
+    let proxy = CountingProxy::start(&registry.host());
+    let hello = b"hello from the store\n".to_vec();
+    let data = build_tar(vec![
+        E::Dir("srv", 0o755),
+        E::File("srv/hello.txt", 0o644, hello.clone()),
+        // Incompressible bulk the entry point never reads.
+        E::File(
+            "srv/bulk.bin",
+            0o644,
+            lazypull_tests::random_bytes(8 << 20, 3),
+        ),
+    ]);
+    let entry = busybox_layer(&["srv/hello.txt".to_string()]);
+    let expected = format!("entry: 1 files\n{}  /srv/hello.txt\n", sha256_hex(&hello));
+    let zstd = vec![zstd_chunked_layer(&data), zstd_chunked_layer(&entry)];
+    let plain = vec![Layer::new(gzip(&data)), Layer::new(gzip(&entry))];
+    let digests = |ls: &[Layer]| -> Vec<String> {
+        ls.iter()
+            .map(|l| lazypull_tests::Digest::sha256_of(&l.data).to_string())
+            .collect()
+    };
+    let (zstd_digests, plain_digests) = (digests(&zstd), digests(&plain));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let zstd_size = rt.block_on(push(&registry, "store/zstd", zstd));
+    let plain_size = rt.block_on(push(&registry, "store/plain", plain));
+    drop(rt);
+
+    let store = StoreDir::new();
+    let store_path = store.path().display().to_string();
+    let lp = lazypull(&["--layer-store", &store_path, "--background-fill", "false"]);
+    lp.ok(&["ps"]);
+    let podman = Podman::new(&[proxy.host()], &layer_store_options(&store.path()));
+
+    for (repo, lazy, digests, size) in [
+        ("store/zstd", true, &zstd_digests, zstd_size),
+        ("store/plain", false, &plain_digests, plain_size),
+    ] {
+        let image = format!("{}/{repo}:v1", proxy.host());
+        proxy.reset();
+        assert_no_warning(&podman.cmd(&["pull", &image]), "podman pull");
+        let out = podman.cmd(&["run", "--rm", "--network", "none", &image]);
+        assert!(out.status.success(), "podman run {repo}: {}", stderr(&out));
+        assert_eq!(stdout(&out), expected, "{repo}");
+        let fetched = layer_bytes(&proxy, digests);
+        eprintln!("{repo}: {fetched} of {size} layer bytes fetched");
+        if lazy {
+            assert!(
+                fetched * 4 < size,
+                "{repo}: {fetched} of {size} bytes: not served lazily"
+            );
+        } else {
+            assert!(fetched >= size, "{repo}: podman did not download it itself");
+        }
+    }
+    let log = lp.log();
+    assert!(
+        log.contains("not served lazily") && log.contains("plain gzip"),
+        "the fallback is not logged: {log}"
+    );
+}
