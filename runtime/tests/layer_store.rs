@@ -4,7 +4,8 @@
 //!
 //! - the realistic eStargz image: `podman pull` fetches a few percent of it, `podman run`
 //!   prints the entry point's output, `podman rmi` / `image prune` give no GC warning, a second
-//!   pull fetches no layer bytes, and after a daemon restart `podman run` works again;
+//!   pull fetches no layer bytes, and after a daemon restart `podman run` works again; then
+//!   the same image as zstd:chunked;
 //! - a zstd:chunked image through the store, and a plain gzip one through podman's own
 //!   download (the store answers "no such layer").
 
@@ -80,6 +81,14 @@ async fn push(registry: &TestRegistry, repo: &str, layers: Vec<Layer>) -> u64 {
     size
 }
 
+/// The layers' blob digests.
+fn layer_digests(layers: &[Layer]) -> Vec<String> {
+    layers
+        .iter()
+        .map(|l| lazypull_tests::Digest::sha256_of(&l.data).to_string())
+        .collect()
+}
+
 /// Registry bytes served for the blobs named in `layer_digests`.
 fn layer_bytes(proxy: &CountingProxy, layer_digests: &[String]) -> u64 {
     proxy
@@ -115,12 +124,12 @@ fn podman_pulls_the_realistic_image_lazily_through_the_store() {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let digests: Vec<String> = layers
-        .iter()
-        .map(|l| lazypull_tests::Digest::sha256_of(&l.data).to_string())
-        .collect();
+    let zstd_layers: Vec<Layer> = tars.iter().map(|t| zstd_chunked_layer(t)).collect();
+    let digests = layer_digests(&layers);
+    let zstd_digests = layer_digests(&zstd_layers);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let compressed = rt.block_on(push(&registry, "store/real", layers));
+    let zstd_compressed = rt.block_on(push(&registry, "store/realzstd", zstd_layers));
     drop(rt);
 
     let store = StoreDir::new();
@@ -185,6 +194,30 @@ fn podman_pulls_the_realistic_image_lazily_through_the_store() {
     );
     assert_eq!(stdout(&out), expected);
     assert!(podman.cmd(&["rm", "kept"]).status.success());
+
+    // The same files as zstd:chunked, through the same store. The eStargz image goes first:
+    // podman would otherwise reuse its layers by their uncompressed digests.
+    assert_no_warning(&podman.cmd(&["rmi", &image]), "podman rmi");
+    let image = format!("{}/store/realzstd:v1", proxy.host());
+    proxy.reset();
+    let started = Instant::now();
+    assert_no_warning(&podman.cmd(&["pull", &image]), "podman pull (zstd:chunked)");
+    let pulled = started.elapsed();
+    let at_pull = layer_bytes(&proxy, &zstd_digests);
+    let out = podman.cmd(&["run", "--rm", "--network", "none", &image]);
+    assert!(out.status.success(), "podman run: {}", stderr(&out));
+    assert_eq!(stdout(&out), expected);
+    let fetched = layer_bytes(&proxy, &zstd_digests);
+    eprintln!(
+        "zstd:chunked through the store: pull {:.2} s ({at_pull} layer bytes); pull + run \
+         {fetched} of {zstd_compressed} compressed bytes ({:.1}%)",
+        pulled.as_secs_f64(),
+        fetched as f64 * 100.0 / zstd_compressed as f64
+    );
+    assert!(
+        at_pull > 0 && at_pull * 20 < zstd_compressed,
+        "podman pull fetched {at_pull} of {zstd_compressed} bytes"
+    );
 }
 
 #[test]
@@ -194,27 +227,37 @@ fn zstd_chunked_goes_through_the_store_and_plain_gzip_through_podman() {
     }
     let registry = TestRegistry::plain();
     let proxy = CountingProxy::start(&registry.host());
-    let hello = b"hello from the store\n".to_vec();
-    let data = build_tar(vec![
-        E::Dir("srv", 0o755),
-        E::File("srv/hello.txt", 0o644, hello.clone()),
-        // Incompressible bulk the entry point never reads.
-        E::File(
-            "srv/bulk.bin",
-            0o644,
-            lazypull_tests::random_bytes(8 << 20, 3),
-        ),
-    ]);
-    let entry = busybox_layer(&["srv/hello.txt".to_string()]);
-    let expected = format!("entry: 1 files\n{}  /srv/hello.txt\n", sha256_hex(&hello));
-    let zstd = vec![zstd_chunked_layer(&data), zstd_chunked_layer(&entry)];
-    let plain = vec![Layer::new(gzip(&data)), Layer::new(gzip(&entry))];
-    let digests = |ls: &[Layer]| -> Vec<String> {
-        ls.iter()
-            .map(|l| lazypull_tests::Digest::sha256_of(&l.data).to_string())
-            .collect()
+    // Two distinct images: podman (containers/image) reuses any layer whose uncompressed
+    // digest it already holds or remembers in its host-wide blob-info cache, so neither
+    // image may share a layer with the other or with an earlier run.
+    let run = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+    let image = |name: &str, seed: u64| {
+        let hello = format!("hello from {name} ({run})\n").into_bytes();
+        let tag = format!("srv/{name}-{run}.txt");
+        let data = build_tar(vec![
+            E::Dir("srv", 0o755),
+            E::File("srv/hello.txt", 0o644, hello.clone()),
+            E::File(&tag, 0o644, tag.clone().into_bytes()),
+            // Incompressible bulk the entry point never reads.
+            E::File(
+                "srv/bulk.bin",
+                0o644,
+                lazypull_tests::random_bytes(8 << 20, run.wrapping_add(seed)),
+            ),
+        ]);
+        let entry = busybox_layer(&[tag.clone(), "srv/hello.txt".to_string()]);
+        let expected = format!("entry: 2 files\n{}  /srv/hello.txt\n", sha256_hex(&hello));
+        (data, entry, expected)
     };
-    let (zstd_digests, plain_digests) = (digests(&zstd), digests(&plain));
+    let (zdata, zentry, zexpected) = image("zstd", 1);
+    let (pdata, pentry, pexpected) = image("plain", 2);
+    let zstd = vec![zstd_chunked_layer(&zdata), zstd_chunked_layer(&zentry)];
+    let plain = vec![Layer::new(gzip(&pdata)), Layer::new(gzip(&pentry))];
+    let (zstd_digests, plain_digests) = (layer_digests(&zstd), layer_digests(&plain));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let zstd_size = rt.block_on(push(&registry, "store/zstd", zstd));
     let plain_size = rt.block_on(push(&registry, "store/plain", plain));
@@ -226,16 +269,16 @@ fn zstd_chunked_goes_through_the_store_and_plain_gzip_through_podman() {
     lp.ok(&["ps"]);
     let podman = Podman::new(&[proxy.host()], &layer_store_options(&store.path()));
 
-    for (repo, lazy, digests, size) in [
-        ("store/zstd", true, &zstd_digests, zstd_size),
-        ("store/plain", false, &plain_digests, plain_size),
+    for (repo, lazy, digests, size, expected) in [
+        ("store/zstd", true, &zstd_digests, zstd_size, &zexpected),
+        ("store/plain", false, &plain_digests, plain_size, &pexpected),
     ] {
         let image = format!("{}/{repo}:v1", proxy.host());
         proxy.reset();
         assert_no_warning(&podman.cmd(&["pull", &image]), "podman pull");
         let out = podman.cmd(&["run", "--rm", "--network", "none", &image]);
         assert!(out.status.success(), "podman run {repo}: {}", stderr(&out));
-        assert_eq!(stdout(&out), expected, "{repo}");
+        assert_eq!(&stdout(&out), expected, "{repo}");
         let fetched = layer_bytes(&proxy, digests);
         eprintln!("{repo}: {fetched} of {size} layer bytes fetched");
         if lazy {

@@ -286,19 +286,25 @@ impl TestContainerd {
             .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()))
     }
 
-    /// Runs `ctr --address SOCK --namespace lazypull-test ARGS` (containerd's own client) and
-    /// returns its output (whatever the exit status; check it).
-    pub fn ctr(&self, args: &[&str]) -> Output {
-        let bin = binary("ctr", "containerd");
-        Command::new(&bin)
-            .arg("--address")
+    /// `ctr --address SOCK --namespace lazypull-test ARGS`, not started: for callers that
+    /// time it or read its output as it comes.
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(binary("ctr", "containerd"));
+        c.arg("--address")
             .arg(self.socket())
             .arg("--namespace")
             .arg(NAMESPACE)
-            .args(args)
+            .args(args);
+        c
+    }
+
+    /// Runs `ctr --address SOCK --namespace lazypull-test ARGS` (containerd's own client) and
+    /// returns its output (whatever the exit status; check it).
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_command(args)
             .stdin(Stdio::null())
             .output()
-            .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()))
+            .unwrap_or_else(|e| panic!("run ctr: {e}"))
     }
 
     /// The daemon's root directory (`root` in its config).

@@ -53,16 +53,23 @@ impl Podman {
         Podman { dir }
     }
 
-    /// Runs `podman ARGS` against the private store (stdin closed).
-    pub fn cmd(&self, args: &[&str]) -> Output {
+    /// `podman ARGS` against the private store, not started: for callers that time it or
+    /// read its output as it comes.
+    pub fn command(&self, args: &[&str]) -> Command {
         let p = self.dir.path();
-        Command::new("podman")
-            .env("CONTAINERS_STORAGE_CONF", p.join("storage.conf"))
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_STORAGE_CONF", p.join("storage.conf"))
             .env("CONTAINERS_CONF", p.join("containers.conf"))
             .env("CONTAINERS_REGISTRIES_CONF", p.join("registries.conf"))
             // No --root/--runroot: podman 4.3 then drops storage.conf's driver options
             // (the additional layer stores among them); storage.conf names both roots.
-            .args(args)
+            .args(args);
+        c
+    }
+
+    /// Runs `podman ARGS` against the private store (stdin closed).
+    pub fn cmd(&self, args: &[&str]) -> Output {
+        self.command(args)
             .stdin(Stdio::null())
             .output()
             .expect("running podman")
