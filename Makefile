@@ -1,7 +1,7 @@
 # lazypull: the two set-up commands are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: build test demo bench lint clean
+.PHONY: build test demo bench bench-coldstart bench-quick lint clean
 
 build:
 	$(CARGO) build --release --workspace
@@ -25,6 +25,19 @@ bench:
 	$(CARGO) build --release -p lazypull
 	$(CARGO) run --release -p lazypull-benches --bin fs-bench
 	$(CARGO) run --release -p lazypull-benches --bin run-bench
+	$(CARGO) run --release -p lazypull-benches --bin coldstart
+
+## Cold start over a shaped link (default: profile wan, every workload, 5 runs): containerd and
+## podman full pulls against lazypull's modes; writes target/bench/coldstart.{md,svg}.
+## Arguments go through ARGS, e.g. `make bench-coldstart ARGS="--profile all --runs 3"`.
+bench-coldstart:
+	$(CARGO) build --release -p lazypull
+	$(CARGO) run --release -p lazypull-benches --bin coldstart -- $(ARGS)
+
+## The CI smoke run of the cold-start benchmark: one workload, one profile, one run.
+bench-quick:
+	$(CARGO) build --release -p lazypull
+	$(CARGO) run --release -p lazypull-benches --bin coldstart -- --quick
 
 ## Demo: installs what is missing (apt-get), builds, then starts a container from a ~430 MB
 ## image with `lazypull run` and with a full pull, and compares the time to its first output line.

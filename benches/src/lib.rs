@@ -1,5 +1,8 @@
 //! Shared helpers of lazypull's benchmarks: timing statistics printed the same way everywhere.
 
+pub mod chart;
+pub mod timed;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -90,3 +93,4 @@ pub fn load_average() -> String {
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
 }
+pub mod shaping;

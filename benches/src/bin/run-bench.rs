@@ -33,15 +33,15 @@
 //! and a short summary (what `make demo` shows).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use lazypull_benches::timed::{
+    check_interrupted, on_ctrl_c, run_checked, run_timed, tail, vm_hwm, INTERRUPTED,
+};
 use lazypull_benches::{drop_caches, lazypull_binary, load_average, median};
 use lazypull_fs::estargz::{write_estargz, WriterOptions};
 use lazypull_tests::images::{entry_point_files, realistic_layers};
@@ -74,16 +74,6 @@ const ESTARGZ_IMAGE: &str = "bench/estargz:v1";
 const GZIP_IMAGE: &str = "bench/gzip:v1";
 /// Seed of the realistic image's content.
 const SEED: u64 = 1;
-/// Longest one container start may take before the benchmark gives up on it.
-const RUN_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long output may still arrive after the process exited (a grandchild holding the pipe).
-const DRAIN: Duration = Duration::from_secs(5);
-/// Polling interval for the child's exit (and so the resolution of "time to exit").
-const POLL: Duration = Duration::from_millis(2);
-
-/// Set by the first Ctrl-C: the benchmark stops at the next check and cleans up.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
 fn main() -> ExitCode {
     let opts = match parse_args(std::env::args().skip(1)) {
         Ok(Some(o)) => o,
@@ -197,13 +187,7 @@ fn bench(opts: &Options) -> Result<()> {
         bail!("no lazypull binary (see above)");
     };
     let rt = tokio::runtime::Runtime::new().context("starting a tokio runtime")?;
-    rt.spawn(async {
-        let _ = tokio::signal::ctrl_c().await;
-        eprintln!("\nrun-bench: interrupted; cleaning up (Ctrl-C again to quit at once)");
-        INTERRUPTED.store(true, Ordering::SeqCst);
-        let _ = tokio::signal::ctrl_c().await;
-        std::process::exit(130);
-    });
+    on_ctrl_c(&rt, "run-bench");
     println!("{}", machine_facts());
     println!("load average at start: {}", load_average());
 
@@ -260,13 +244,6 @@ fn bench(opts: &Options) -> Result<()> {
         "load average at the end: {} (other work on the machine skews the absolute figures)",
         load_average()
     );
-    Ok(())
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
     Ok(())
 }
 
@@ -657,123 +634,6 @@ fn write_runtime_spec(bundle: &Path, image: &serde_json::Value) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// Runs a command to completion; its stderr becomes the error when it fails.
-fn run_checked(cmd: &mut Command) -> Result<()> {
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// What [`run_timed`] saw.
-struct Timed {
-    /// When the first stdout line arrived (from `start`).
-    first_line: Option<Duration>,
-    /// `bytes()` at the first line.
-    bytes_first: u64,
-    /// When the process exited (from `start`).
-    exit: Duration,
-    status: ExitStatus,
-    stdout: String,
-}
-
-/// Spawns `cmd` with stdout piped (stderr to `stderr_path`), notes when its first stdout line
-/// arrives and when it exits, both from `start`. Gives up after [`RUN_TIMEOUT`] or on Ctrl-C;
-/// the process is killed in that case.
-fn run_timed(
-    mut cmd: Command,
-    start: Instant,
-    stderr_path: &Path,
-    bytes: impl Fn() -> u64,
-) -> Result<Timed> {
-    let stderr =
-        File::create(stderr_path).with_context(|| format!("creating {}", stderr_path.display()))?;
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr);
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    let mut child = ChildGuard(cmd.spawn().with_context(|| format!("starting {program}"))?);
-    let stdout = child.0.stdout.take().context("no stdout pipe")?;
-    let (tx, rx) = mpsc::channel::<(Instant, String)>();
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        loop {
-            let mut line = String::new();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {
-                    if tx.send((Instant::now(), line)).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    let deadline = start + RUN_TIMEOUT;
-    let (mut first_line, mut bytes_first, mut out) = (None, 0, String::new());
-    let mut eof = false;
-    let mut exited: Option<(Duration, ExitStatus)> = None;
-    loop {
-        if eof {
-            std::thread::sleep(POLL);
-        } else {
-            match rx.recv_timeout(POLL) {
-                Ok((at, line)) => {
-                    if first_line.is_none() {
-                        first_line = Some(at.duration_since(start));
-                        bytes_first = bytes();
-                    }
-                    out.push_str(&line);
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => eof = true,
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-        }
-        if exited.is_none() {
-            if let Some(status) = child.0.try_wait().context("waiting for the process")? {
-                exited = Some((start.elapsed(), status));
-            }
-        }
-        if let Some((at, status)) = exited {
-            if eof || start.elapsed() > at + DRAIN {
-                return Ok(Timed {
-                    first_line,
-                    bytes_first,
-                    exit: at,
-                    status,
-                    stdout: out,
-                });
-            }
-        }
-        check_interrupted()?;
-        if Instant::now() > deadline {
-            bail!("{program} did not finish within {RUN_TIMEOUT:?}; its output so far: {out:?}");
-        }
-    }
-}
-
-/// Kills the child (by its PID, through `Child::kill`) if it still runs when dropped.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// A runc container of the full pull: deleted (forcibly) on drop, run or not.
 struct RuncContainer {
     root: PathBuf,
@@ -792,22 +652,6 @@ impl Drop for RuncContainer {
                 .status();
         }
     }
-}
-
-/// Peak resident set (`VmHWM`) of a process, in bytes.
-fn vm_hwm(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-}
-
-/// The last `n` lines of `text`.
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Median, min and max of one figure of the samples.
