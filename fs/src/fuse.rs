@@ -148,6 +148,28 @@ pub struct SlowRead {
 
 /// How many slow reads a mount remembers.
 const SLOW_READS_KEPT: usize = 5;
+/// How many opened files a mount's access log remembers (16 bytes each, plus the set).
+const OPENED_KEPT: usize = 100_000;
+/// Orders first opens across every mount of the process, so that the files of an image's
+/// layers can be merged into one list in the order the workload opened them.
+static OPEN_SEQUENCE: AtomicU64 = AtomicU64::new(0);
+
+/// A regular file the mount served an open for, for the access log (a prefetch list recorded
+/// from a real run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenedFile {
+    /// The file.
+    pub node: NodeId,
+    /// Position of its first open among all first opens of this process's mounts.
+    pub sequence: u64,
+}
+
+/// The files a mount has served opens for, each once, in the order first opened.
+#[derive(Debug, Default)]
+struct OpenLog {
+    seen: std::collections::HashSet<NodeId>,
+    order: Vec<OpenedFile>,
+}
 
 /// Why mounting or unmounting a layer failed.
 #[derive(Debug, thiserror::Error)]
@@ -207,9 +229,18 @@ struct Counters {
     read_bytes: AtomicU64,
     passthrough_opens: AtomicU64,
     slow: Mutex<Vec<SlowRead>>,
+    opened: Mutex<OpenLog>,
 }
 
 impl Counters {
+    fn note_open(&self, node: NodeId) {
+        let mut log = self.opened.lock();
+        if log.order.len() < OPENED_KEPT && log.seen.insert(node) {
+            let sequence = OPEN_SEQUENCE.fetch_add(1, Ordering::Relaxed);
+            log.order.push(OpenedFile { node, sequence });
+        }
+    }
+
     fn note_read(&self, read: SlowRead) {
         let mut slow = self.slow.lock();
         if slow.len() >= SLOW_READS_KEPT && slow.last().is_some_and(|l| l.seconds >= read.seconds) {
@@ -691,6 +722,7 @@ impl Filesystem for LayerFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             return reply.error(Errno::EROFS);
         }
+        self.counters.note_open(id);
         // NOFLUSH: flush is a no-op here, so close() need not wait for the daemon.
         let noflush = FopenFlags::FOPEN_NOFLUSH;
         let mut table = self.opens.lock();
@@ -1245,6 +1277,12 @@ impl LayerMount {
     /// Request counters since the mount.
     pub fn stats(&self) -> FsStats {
         self.counters.snapshot()
+    }
+
+    /// The regular files this mount served opens for, each once, in the order first opened
+    /// (at most 100,000): what a workload needed, as a prefetch list for the next conversion.
+    pub fn opened(&self) -> Vec<OpenedFile> {
+        self.counters.opened.lock().order.clone()
     }
 
     fn unmount_inner(&mut self) -> Result<(), FuseError> {

@@ -247,6 +247,30 @@ impl Layer {
             .map(|i| run[i].1)
     }
 
+    /// The path of `id` from the root, without a leading slash (`""` for the root), found by
+    /// walking up the parent links: how a node is named to people (stats, access logs). For a
+    /// hard-linked file, the path under the first directory that named it.
+    pub fn path(&self, id: NodeId) -> Option<String> {
+        let mut parts: Vec<&[u8]> = Vec::new();
+        let mut node = id;
+        // A well-formed tree is at most as deep as it has nodes; the bound stops a cycle.
+        for _ in 0..=self.nodes.len() {
+            if node == ROOT {
+                parts.reverse();
+                let joined: Vec<String> = parts
+                    .iter()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .collect();
+                return Some(joined.join("/"));
+            }
+            let parent = self.node(node)?.parent;
+            let (name, _) = self.children(parent).find(|&(_, child)| child == node)?;
+            parts.push(name);
+            node = parent;
+        }
+        None
+    }
+
     /// Resolves a slash-separated path from the root (no symlinks followed).
     pub fn resolve(&self, path: &str) -> Option<NodeId> {
         path.split('/')
@@ -755,6 +779,13 @@ mod tests {
         // The replaced etc/hosts node is gone.
         // root + usr/local/lib/python3/x.py + etc, passwd, bin, var, cache, opt, hosts.
         assert_eq!(l.len(), 1 + 5 + 7);
+
+        // Paths back from nodes: the root is empty, a hard link is named by its first name.
+        assert_eq!(l.path(ROOT).as_deref(), Some(""));
+        assert_eq!(l.path(p).as_deref(), Some("etc/passwd"));
+        let x = l.resolve("usr/local/lib/python3/x.py").unwrap();
+        assert_eq!(l.path(x).as_deref(), Some("usr/local/lib/python3/x.py"));
+        assert_eq!(l.path(l.len() as NodeId + 5), None);
     }
 
     #[test]

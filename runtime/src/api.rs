@@ -98,6 +98,9 @@ pub enum Request {
     Stats {
         /// An image reference, a layer digest (prefix), or all when `None`.
         target: Option<String>,
+        /// Include each layer's access log ([`LayerStats::opened`]).
+        #[serde(default)]
+        accessed: bool,
     },
     /// Stop the daemon (refused while containers run unless `force`).
     Shutdown {
@@ -295,6 +298,23 @@ pub struct LayerStats {
     pub digest_mismatches: u64,
     /// The reads that waited longest.
     pub slowest_reads: Vec<SlowReadInfo>,
+    /// Regular files opened through the mount since it was mounted.
+    #[serde(default)]
+    pub opened_files: u64,
+    /// Those files, in the order first opened; only when asked for (`stats --accessed`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub opened: Vec<OpenedPath>,
+}
+
+/// A file a workload opened, for a prefetch list recorded from a real run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenedPath {
+    /// Path inside the layer (and so inside the image), no leading slash.
+    pub path: String,
+    /// Its size.
+    pub size: u64,
+    /// Order of its first open among all first opens the daemon served.
+    pub sequence: u64,
 }
 
 /// An image and its layers' statistics.

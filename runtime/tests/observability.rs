@@ -139,6 +139,19 @@ async fn on_demand_bytes_match_the_registry_and_stats_match_metrics() {
         );
         assert_eq!(out.stdout.len(), 21 + 300_000);
 
+        // The access log: what the container opened, in order, as a prefetch list.
+        let accessed = lp.ok(&["stats", "--accessed", &image]);
+        let files: Vec<&str> = accessed.lines().collect();
+        let srv: Vec<&str> = files
+            .iter()
+            .copied()
+            .filter(|f| f.starts_with("srv/"))
+            .collect();
+        assert_eq!(srv, ["srv/hello.txt", "srv/other.txt"], "{accessed}");
+        assert!(files.contains(&"bin/busybox"), "exec of cat: {accessed}");
+        let unique: std::collections::HashSet<&&str> = files.iter().collect();
+        assert_eq!(unique.len(), files.len(), "a file listed twice: {accessed}");
+
         // Ranged blob reads at the registry: those ending at the blob's end are TOC reads.
         let mut toc = 0u64;
         let mut content = 0u64;

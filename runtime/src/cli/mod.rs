@@ -15,7 +15,7 @@ use lazypull_fetcher::credentials::CredentialStore;
 use lazypull_fetcher::hosts::HostsConfig;
 use lazypull_fetcher::{Digest, Platform, Reference, Registry, RegistryConfig};
 
-use crate::api::{ContainerInfo, ImageInfo, ImageStats, MountInfo, Request};
+use crate::api::{ContainerInfo, ImageInfo, ImageStats, MountInfo, OpenedPath, Request};
 use crate::config::{LogFormat, Settings, SettingsArgs};
 use crate::daemon::human_bytes;
 pub use daemon_client::{call, ensure_daemon};
@@ -127,6 +127,11 @@ pub enum Command {
         /// Print JSON (the same numbers as the Prometheus metrics).
         #[arg(long)]
         json: bool,
+        /// Print the files the image's containers opened, one per line, in the order first
+        /// opened: a prefetch list recorded from a real run, for `lazypull convert
+        /// --prefetch-list` (files of layers fetched whole are not recorded).
+        #[arg(long, conflicts_with = "json")]
+        accessed: bool,
     },
     /// Versions, kernel features (FUSE, passthrough, overlayfs), daemon and cache state.
     Info {
@@ -350,11 +355,23 @@ pub async fn execute(cli: Cli, settings: Settings) -> Result<u8> {
             println!("{}", r.message.unwrap_or_default());
         }
         Command::Info { json } => info(s, json).await?,
-        Command::Stats { target, json } => {
+        Command::Stats {
+            target,
+            json,
+            accessed,
+        } => {
+            if accessed && target.is_none() {
+                bail!("--accessed needs an image: lazypull stats --accessed IMAGE > prefetch.list");
+            }
             ensure_daemon(s).await?;
-            let list: Vec<ImageStats> =
-                call(s, &Request::Stats { target }, false).await?.decode()?;
-            print_stats(&list, json)?;
+            let list: Vec<ImageStats> = call(s, &Request::Stats { target, accessed }, false)
+                .await?
+                .decode()?;
+            if accessed {
+                print_accessed(&list)?;
+            } else {
+                print_stats(&list, json)?;
+            }
         }
         Command::Mount {
             image,
@@ -532,6 +549,24 @@ fn print_images(list: &[ImageInfo], quiet: bool, json: bool) -> Result<()> {
             human_bytes(i.size),
             i.layers
         )?;
+    }
+    Ok(())
+}
+
+/// The access logs of the images' layers, merged in the order the files were first opened.
+fn print_accessed(list: &[ImageStats]) -> Result<()> {
+    let mut opened: Vec<&OpenedPath> = list
+        .iter()
+        .flat_map(|i| &i.layers)
+        .flat_map(|l| &l.opened)
+        .collect();
+    opened.sort_by_key(|o| o.sequence);
+    let mut seen = std::collections::HashSet::new();
+    let mut out = std::io::stdout().lock();
+    for o in opened {
+        if seen.insert(o.path.as_str()) {
+            writeln!(out, "{}", o.path)?;
+        }
     }
     Ok(())
 }

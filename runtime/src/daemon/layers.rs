@@ -39,6 +39,11 @@ impl LayerEntry {
     pub fn fs_stats(&self) -> lazypull_fs::fuse::FsStats {
         self.mount.as_ref().map(|m| m.stats()).unwrap_or_default()
     }
+
+    /// The FUSE mount's access log: files opened, in the order first opened.
+    pub fn opened(&self) -> Vec<lazypull_fs::fuse::OpenedFile> {
+        self.mount.as_ref().map(|m| m.opened()).unwrap_or_default()
+    }
 }
 
 fn descriptor(l: &LayerRecord) -> Result<LayerDescriptor> {

@@ -12,13 +12,13 @@ use std::sync::LazyLock;
 use anyhow::{Context, Result};
 use lazypull_fetcher::metrics::Reason;
 use lazypull_fetcher::Digest;
-use lazypull_fs::toc::{Kind, NodeId, ROOT};
+use lazypull_fs::toc::NodeId;
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{register_int_counter_vec, Encoder, IntCounterVec, TextEncoder};
 
 use super::layers::LayerEntry;
 use super::{Shared, State};
-use crate::api::{ByReason, ImageStats, LayerStats, SlowReadInfo};
+use crate::api::{ByReason, ImageStats, LayerStats, OpenedPath, SlowReadInfo};
 
 /// `lazypull_fallbacks_total{cause}`: layers (or whole pulls) that could not be served lazily.
 pub static FALLBACKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -62,25 +62,16 @@ fn by_reason(values: [u64; 4]) -> ByReason {
     }
 }
 
-/// Path of `node` in the layer (a walk of the tree: only for the few slow reads shown).
+/// Path of `node` in the layer, as `/a/b`, for people reading stats.
 fn path_of(layer: &lazypull_fs::toc::Layer, node: NodeId) -> String {
-    let mut stack: Vec<(NodeId, String)> = vec![(ROOT, String::new())];
-    while let Some((dir, prefix)) = stack.pop() {
-        for (name, child) in layer.children(dir) {
-            let path = format!("{prefix}/{}", String::from_utf8_lossy(name));
-            if child == node {
-                return path;
-            }
-            if layer.node(child).is_some_and(|n| n.kind == Kind::Dir) {
-                stack.push((child, path));
-            }
-        }
-    }
-    format!("<inode {node}>")
+    layer
+        .path(node)
+        .map(|p| format!("/{p}"))
+        .unwrap_or_else(|| format!("<inode {node}>"))
 }
 
 /// One layer's statistics.
-pub fn layer_stats(st: &State, digest: &Digest, l: &LayerEntry) -> LayerStats {
+pub fn layer_stats(st: &State, digest: &Digest, l: &LayerEntry, accessed: bool) -> LayerStats {
     let blob = st.engine.blob(&l.reference, *digest, Some(l.size)).stats();
     let chunks = l.source.layer().all_chunks();
     let cached = if l.local {
@@ -122,12 +113,28 @@ pub fn layer_stats(st: &State, digest: &Digest, l: &LayerEntry) -> LayerStats {
                 seconds: r.seconds,
             })
             .collect(),
+        opened_files: l.opened().len() as u64,
+        opened: if accessed {
+            let layer = l.source.layer();
+            l.opened()
+                .into_iter()
+                .filter_map(|o| {
+                    Some(OpenedPath {
+                        path: layer.path(o.node)?,
+                        size: layer.node(o.node)?.size,
+                        sequence: o.sequence,
+                    })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
     }
 }
 
 /// Statistics of the images matching `target` (a reference, or a layer digest or prefix;
 /// everything when `None`).
-pub fn image_stats(st: &State, target: Option<&str>) -> Vec<ImageStats> {
+pub fn image_stats(st: &State, target: Option<&str>, accessed: bool) -> Vec<ImageStats> {
     let wanted_image = target.and_then(|t| st.find_image(t));
     let layer_filter = target
         .filter(|_| wanted_image.is_none())
@@ -151,7 +158,9 @@ pub fn image_stats(st: &State, target: Option<&str>) -> Vec<ImageStats> {
                             return None;
                         }
                     }
-                    st.layers.get(&d).map(|entry| layer_stats(st, &d, entry))
+                    st.layers
+                        .get(&d)
+                        .map(|entry| layer_stats(st, &d, entry, accessed))
                 })
                 .collect();
             (!layers.is_empty() || (target.is_none() && layer_filter.is_none())).then(|| {
@@ -264,7 +273,7 @@ fn state_families(st: &State) -> Vec<MetricFamily> {
     let mut progress = Vec::new();
     let mut on_demand_by_layer = Vec::new();
     for (d, l) in &st.layers {
-        let s = layer_stats(st, d, l);
+        let s = layer_stats(st, d, l, false);
         mismatches += s.digest_mismatches;
         if s.chunks_cached >= s.chunks {
             complete += 1;

@@ -438,10 +438,11 @@ async fn execute(
         Request::Ps => containers::ps(state).await,
         Request::Prune => prune(state).await,
         Request::Info => info(state).await,
-        Request::Stats { target } => {
+        Request::Stats { target, accessed } => {
             let st = state.lock().await;
-            let stats =
-                tokio::task::block_in_place(|| metrics::image_stats(&st, target.as_deref()));
+            let stats = tokio::task::block_in_place(|| {
+                metrics::image_stats(&st, target.as_deref(), accessed)
+            });
             if stats.is_empty() {
                 if let Some(t) = target {
                     bail!("no image or mounted layer matches {t} (see `lazypull images`)");
