@@ -588,28 +588,50 @@ impl LayerSource {
     /// Caches every chunk lying wholly inside `bytes` (blob bytes starting at `start`), e.g.
     /// the speculative tail read that found the TOC: for small layers that read covers the
     /// whole blob, and the layer is then complete without another request. Runs in the
-    /// background; chunks that fail verification are simply left to be fetched.
+    /// background, but the chunks it will cache are registered as loading first, so a prefetch
+    /// or read of one of them waits for it instead of fetching the same bytes again; chunks
+    /// that fail verification are released and fetched by whoever wants them.
     pub fn seed(&self, start: u64, bytes: Bytes) {
-        let this = self.clone();
         let end = start + bytes.len() as u64;
-        let work = move || {
-            let mut seeded = 0u64;
-            for c in this.inner.layer.all_chunks() {
+        let mut claimed: Vec<(Chunk, Digest, watch::Sender<Loaded>)> = Vec::new();
+        {
+            let mut loading = self.inner.loading.lock();
+            for c in self.inner.layer.all_chunks() {
                 let Some(digest) = c.digest else { continue };
                 if c.blob_offset < start
                     || c.blob_offset.saturating_add(c.blob_len) > end
-                    || this.inner.cache.contains(&digest)
+                    || loading.contains_key(&digest)
+                    || self.inner.cache.contains(&digest)
                 {
                     continue;
                 }
+                let (tx, rx) = watch::channel(None);
+                loading.insert(digest, rx);
+                claimed.push((*c, digest, tx));
+            }
+        }
+        if claimed.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        let work = move || {
+            let mut seeded = 0u64;
+            for (c, digest, tx) in claimed {
                 let from = (c.blob_offset - start) as usize;
                 let unit = &bytes[from..from + c.blob_len as usize];
-                let Ok(data) = decompress(this.inner.compression, unit, c) else {
-                    continue;
-                };
-                if digest.matches(&data) && this.inner.cache.put(&digest, &data).is_ok() {
-                    seeded += 1;
+                let verified = decompress(this.inner.compression, unit, &c)
+                    .ok()
+                    .filter(|data| digest.matches(data));
+                if let Some(data) = verified {
+                    if this.inner.cache.put(&digest, &data).is_ok() {
+                        seeded += 1;
+                    }
+                    tx.send_replace(Some(Ok(Bytes::from(data))));
                 }
+                // Released either way; a waiter whose chunk failed sees the sender gone and
+                // loads it itself.
+                this.inner.loading.lock().remove(&digest);
+                drop(tx);
             }
             if seeded > 0 {
                 tracing::debug!(layer = %this.digest(), chunks = seeded, "cached chunks from the TOC read");

@@ -418,7 +418,10 @@ fn host_toolchain_layer() -> Result<Vec<u8>> {
             continue;
         };
         let rel = rel.to_string_lossy().into_owned();
-        if meta.is_dir() || !seen.insert(rel.clone()) {
+        // Directories come from the files' parents; the merged-/usr top-level links (bin, lib,
+        // lib64, ...) from the fixed list above, so that busybox's /bin stays a directory.
+        let top_level_link = meta.file_type().is_symlink() && !rel.contains('/');
+        if meta.is_dir() || top_level_link || !seen.insert(rel.clone()) {
             continue;
         }
         let mut dir = Path::new(&rel).parent();

@@ -231,6 +231,28 @@ pub async fn acquire_all(
 /// How long on-demand reads must have been quiet before a background fill starts.
 const FILL_QUIET: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Prefetches running in this daemon, any layer: the background fill of one layer waits for
+/// every layer's prefetch, which is what the starting workload reads next (measured by the
+/// cold-start benchmark: a fill starting 2 s after mount took a sixth of the link from the
+/// other layers' prefetches of a python image).
+static PREFETCHING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts one running prefetch while it lives.
+struct PrefetchGuard;
+
+impl PrefetchGuard {
+    fn new() -> PrefetchGuard {
+        PREFETCHING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        PrefetchGuard
+    }
+}
+
+impl Drop for PrefetchGuard {
+    fn drop(&mut self) {
+        PREFETCHING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 fn spawn_fill(
     source: LayerSource,
     prefetch: Prefetch,
@@ -239,6 +261,7 @@ fn spawn_fill(
     tokio::spawn(async move {
         let digest = source.digest();
         if let Prefetch::Until { blob_offset } = prefetch {
+            let _counted = PrefetchGuard::new();
             if let Err(e) = source.prefetch(blob_offset).await {
                 tracing::warn!(layer = %digest, error = %e, "prefetch incomplete");
             }
@@ -254,6 +277,9 @@ fn spawn_fill(
         loop {
             match lazypull_fs::metrics::since_last_on_demand() {
                 Some(q) if q < FILL_QUIET => tokio::time::sleep(FILL_QUIET - q).await,
+                _ if PREFETCHING.load(std::sync::atomic::Ordering::SeqCst) > 0 => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await
+                }
                 _ => break,
             }
         }
