@@ -1,14 +1,18 @@
 # lazypull: the two set-up commands are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: build test demo bench bench-coldstart bench-quick lint clean
+.PHONY: build deps test demo bench bench-coldstart bench-quick lint clean
 
 build:
 	$(CARGO) build --release --workspace
 
+## Install (apt-get) the Debian packages the tests and benchmarks drive; skips what is present.
+deps:
+	bash scripts/install-deps.sh
+
 ## Run every test: unit, property and integration tests against a real registry
 ## (docker-registry from Debian must be installed; .ci/run installs it).
-test:
+test: deps
 	$(CARGO) test --workspace --locked -- --test-threads=4
 
 ## Lint as CI does.
@@ -20,7 +24,7 @@ lint:
 ## latency (against curl), then the filesystem (cold start, warm reads, metadata walk, memory)
 ## through the release `lazypull` binary, then `lazypull run` to the container's first output
 ## line against a full pull (skopeo copy + umoci unpack + runc run).
-bench:
+bench: deps
 	$(CARGO) run --release -p lazypull-benches --bin fetch-bench
 	$(CARGO) build --release -p lazypull
 	$(CARGO) run --release -p lazypull-benches --bin fs-bench
@@ -30,12 +34,12 @@ bench:
 ## Cold start over a shaped link (default: profile wan, every workload, 5 runs): containerd and
 ## podman full pulls against lazypull's modes; writes target/bench/coldstart.{md,svg}.
 ## Arguments go through ARGS, e.g. `make bench-coldstart ARGS="--profile all --runs 3"`.
-bench-coldstart:
+bench-coldstart: deps
 	$(CARGO) build --release -p lazypull
 	$(CARGO) run --release -p lazypull-benches --bin coldstart -- $(ARGS)
 
 ## The CI smoke run of the cold-start benchmark: one workload, one profile, one run.
-bench-quick:
+bench-quick: deps
 	$(CARGO) build --release -p lazypull
 	$(CARGO) run --release -p lazypull-benches --bin coldstart -- --quick
 
