@@ -80,6 +80,19 @@ pub fn lazypull_binary(bench: &str) -> Option<PathBuf> {
     }
 }
 
+/// Whether this process runs as root (effective uid 0): the benchmarks mount FUSE and
+/// overlayfs, drop the page cache and create network namespaces.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
 /// Writes back dirty pages and drops the page, dentry and inode caches; false when not allowed
 /// (not root).
 pub fn drop_caches() -> bool {

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::is_root;
 use lazypull_tests::util::pid_alive;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -179,18 +180,6 @@ fn registry_binary() -> Option<PathBuf> {
         Some(bin) => Some(PathBuf::from(bin)).filter(|p| p.is_file()),
         None => find_tool("docker-registry"),
     }
-}
-
-/// Whether the effective user is root (from `/proc/self/status`; benches has no libc).
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// Runs `program args`, failing with its stderr when it exits non-zero.

@@ -131,6 +131,8 @@ pub struct FsStats {
     pub passthrough_opens: u64,
     /// The reads that took longest to answer (network waits show up here), slowest first.
     pub slowest_reads: Vec<SlowRead>,
+    /// Distinct regular files opened (the length of the access log, [`LayerMount::opened`]).
+    pub opened_files: u64,
 }
 
 /// One slow READ, for "what did the workload wait on?".
@@ -259,6 +261,7 @@ impl Counters {
             read_bytes: self.read_bytes.load(Ordering::Relaxed),
             passthrough_opens: self.passthrough_opens.load(Ordering::Relaxed),
             slowest_reads: self.slow.lock().clone(),
+            opened_files: self.opened.lock().order.len() as u64,
         }
     }
 }

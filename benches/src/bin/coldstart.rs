@@ -44,14 +44,16 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Output, Stdio};
+use std::process::{Command, ExitCode, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use lazypull_benches::chart::{bar_chart, Bar};
 use lazypull_benches::shaping::{self, DelayProxy, Profile, ShapedRegistry};
-use lazypull_benches::timed::{check_interrupted, on_ctrl_c, run_timed, tail, vm_hwm, Timed};
-use lazypull_benches::{drop_caches, lazypull_binary, load_average, median};
+use lazypull_benches::timed::{
+    check_interrupted, on_ctrl_c, run_checked, run_timed, tail, vm_hwm, Timed,
+};
+use lazypull_benches::{drop_caches, is_root, lazypull_binary, load_average, median};
 use lazypull_fs::estargz::{write_estargz, WriterOptions};
 use lazypull_fs::zstd_chunked::{self, write_zstd_chunked};
 use lazypull_tests::containerd::{TestContainerd, NAMESPACE};
@@ -1075,11 +1077,7 @@ fn pull_then_run(
     stderr: &Path,
     counting: &CountingProxy,
 ) -> Result<Timed> {
-    let out = pull
-        .stdin(Stdio::null())
-        .output()
-        .context("running the pull")?;
-    started(out, "the pull")?;
+    run_checked(&mut pull)?;
     run_timed(run, start, stderr, || counting.total_body_bytes())
 }
 
@@ -1278,14 +1276,7 @@ fn table(
 
 /// Root, /dev/fuse and the tools every mode needs, each missing one named with its package.
 fn preflight() -> Result<()> {
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|v| v.split_whitespace().next().map(str::to_string))
-        });
-    if uid.as_deref() != Some("0") {
+    if !is_root() {
         bail!("needs root (network namespaces, FUSE mounts, overlayfs, runc)");
     }
     if !Path::new("/dev/fuse").exists() {

@@ -42,7 +42,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use lazypull_benches::timed::{
     check_interrupted, on_ctrl_c, run_checked, run_timed, tail, vm_hwm, INTERRUPTED,
 };
-use lazypull_benches::{drop_caches, lazypull_binary, load_average, median};
+use lazypull_benches::{drop_caches, is_root, lazypull_binary, load_average, median};
 use lazypull_fs::estargz::{write_estargz, WriterOptions};
 use lazypull_tests::images::{entry_point_files, realistic_layers};
 use lazypull_tests::runnable::{busybox_layer, runnable_config, BUSYBOX};
@@ -249,15 +249,7 @@ fn bench(opts: &Options) -> Result<()> {
 
 /// Root, /dev/fuse and the tools, each missing one named with the package that provides it.
 fn preflight() -> Result<()> {
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|v| v.split_whitespace().nth(1).map(str::to_string))
-        })
-        .unwrap_or_default();
-    if uid != "0" {
+    if !is_root() {
         bail!("needs root (FUSE and overlayfs mounts, runc, dropping the page cache)");
     }
     let mut missing = Vec::new();

@@ -113,7 +113,7 @@ pub fn layer_stats(st: &State, digest: &Digest, l: &LayerEntry, accessed: bool) 
                 seconds: r.seconds,
             })
             .collect(),
-        opened_files: l.opened().len() as u64,
+        opened_files: fs.opened_files,
         opened: if accessed {
             let layer = l.source.layer();
             l.opened()
