@@ -31,10 +31,11 @@
 //! whose own mount flags govern device nodes and set-id execution, so the raw layer mount need
 //! not grant either.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -53,6 +54,7 @@ use parking_lot::Mutex;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{Op, OpTimer};
+use crate::takeover::{JournalHandle, KernelOffer, OpenJournal};
 use crate::toc::{Kind, Layer, Node, NodeId};
 
 /// Supplies file content; implemented by the chunk reader (network + cache + verification), and
@@ -102,6 +104,10 @@ pub struct MountOptions {
     /// `userxattr` option (rootless). Off by default: a normal overlay mount would show that
     /// attribute in the merged tree, which an unpacked image does not have.
     pub userxattr: bool,
+    /// A file recording the open handles, so a daemon that takes the live mount over after this
+    /// one died knows which files the kernel still holds open ([`LayerMount::take_over`]).
+    /// Default none: a mount that will never be taken over needs none.
+    pub journal: Option<PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -112,6 +118,7 @@ impl Default for MountOptions {
             passthrough: true,
             ttl: Duration::from_secs(24 * 60 * 60),
             userxattr: false,
+            journal: None,
         }
     }
 }
@@ -266,13 +273,19 @@ impl Counters {
     }
 }
 
+/// A passthrough backing file registered with the kernel, and its raw id (for the journal).
+type Backing = (BackingId, u32);
+
 /// One open file handle.
 #[derive(Debug)]
 struct Handle {
     node: NodeId,
     /// The passthrough backing this handle uses; dropping the last reference closes the kernel's
     /// backing id.
-    backing: Option<Arc<BackingId>>,
+    backing: Option<Arc<Backing>>,
+    /// Opened by a previous daemon in passthrough mode with this backing id, which nothing
+    /// here owns yet (see [`InodeIo::inherited`]).
+    inherited: Option<u32>,
 }
 
 /// Per-inode io mode. The kernel refuses (with EIO to the caller) a passthrough open of an inode
@@ -283,19 +296,58 @@ struct InodeIo {
     /// Handles open without passthrough.
     cached: u32,
     /// The backing id the passthrough handles of this inode share.
-    backing: Weak<BackingId>,
+    backing: Weak<Backing>,
+    /// The raw backing id of passthrough handles a previous daemon opened and the kernel still
+    /// holds (a taken-over mount). A new open of the inode must use this very id: the kernel
+    /// refuses a second backing file for an inode (EIO). Wrapped into `backing` at the first
+    /// such open; left to the kernel (closed with the connection) if none comes.
+    inherited: Option<u32>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct OpenTable {
     next_fh: u64,
     handles: HashMap<u64, Handle>,
     inodes: HashMap<NodeId, InodeIo>,
+    /// Where the handles are recorded for a successor daemon.
+    journal: OpenJournal,
 }
 
 impl OpenTable {
-    fn insert(&mut self, handle: Handle) -> FileHandle {
+    fn new(journal: OpenJournal) -> OpenTable {
+        OpenTable {
+            next_fh: 0,
+            handles: HashMap::new(),
+            inodes: HashMap::new(),
+            journal,
+        }
+    }
+
+    /// A table holding the handles a previous daemon left open (from its journal).
+    fn inherit(journal: OpenJournal, open: BTreeMap<u64, JournalHandle>) -> OpenTable {
+        let mut table = OpenTable::new(journal);
+        for (fh, h) in open {
+            table.next_fh = table.next_fh.max(fh);
+            let io = table.inodes.entry(h.node).or_default();
+            match h.backing {
+                Some(id) => io.inherited = Some(id),
+                None => io.cached += 1,
+            }
+            table.handles.insert(
+                fh,
+                Handle {
+                    node: h.node,
+                    backing: None,
+                    inherited: h.backing,
+                },
+            );
+        }
+        table
+    }
+
+    fn insert(&mut self, handle: Handle, backing_id: Option<u32>) -> FileHandle {
         self.next_fh += 1;
+        self.journal.opened(self.next_fh, handle.node, backing_id);
         self.handles.insert(self.next_fh, handle);
         FileHandle(self.next_fh)
     }
@@ -316,6 +368,25 @@ struct LayerFs {
     opens: Mutex<OpenTable>,
     /// Sum of regular file sizes in blocks, for statfs.
     total_blocks: u64,
+    /// A duplicate of the session's `/dev/fuse` descriptor (set once the session exists), for
+    /// registering passthrough backing files with an id this process knows (the journal
+    /// records it).
+    device: Arc<std::sync::OnceLock<OwnedFd>>,
+    /// What the kernel offered in FUSE_INIT.
+    offer: Arc<Mutex<Option<KernelOffer>>>,
+}
+
+/// The owner of backing id `raw`: closes it when dropped.
+///
+/// `raw` must be an id open on this mount's connection that nothing else owns or closes: one
+/// just returned by `FUSE_DEV_IOC_BACKING_OPEN`, or one a dead predecessor left open (its
+/// journal names it). Ids are per connection, so a wrong one can only make the kernel refuse
+/// the open of this mount's own file (EIO), never reach another mount's files.
+#[allow(unsafe_code)]
+fn wrap_backing(reply: &ReplyOpen, raw: u32) -> BackingId {
+    // SAFETY: fuser's only requirement is the one stated above (a live id of this connection
+    // with no other owner, so it is closed once).
+    unsafe { reply.wrap_backing(raw) }
 }
 
 fn node_id(ino: INodeNo) -> Option<NodeId> {
@@ -383,6 +454,7 @@ impl LayerFs {
         source: Arc<dyn ContentSource>,
         opts: &MountOptions,
         counters: Arc<Counters>,
+        opens: OpenTable,
     ) -> LayerFs {
         let total_bytes: u64 = (0..layer.len())
             .filter_map(|i| layer.node(i as NodeId))
@@ -401,8 +473,10 @@ impl LayerFs {
             want_passthrough: opts.passthrough,
             passthrough: AtomicBool::new(false),
             counters,
-            opens: Mutex::new(OpenTable::default()),
+            opens: Mutex::new(opens),
             total_blocks: total_bytes.div_ceil(u64::from(BLOCK)),
+            device: Arc::new(std::sync::OnceLock::new()),
+            offer: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -459,10 +533,11 @@ impl LayerFs {
 
     /// Opens the node's backing file for passthrough, if it has a usable one. Turns passthrough
     /// off for the mount when the kernel refuses it.
-    fn open_backing(&self, id: NodeId, node: &Node, reply: &ReplyOpen) -> Option<BackingId> {
+    fn open_backing(&self, id: NodeId, node: &Node, reply: &ReplyOpen) -> Option<(BackingId, u32)> {
         if !self.passthrough.load(Ordering::Relaxed) {
             return None;
         }
+        let device = self.device.get()?;
         let path = self.source.backing_file(id)?;
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -489,8 +564,8 @@ impl LayerFs {
                 return None;
             }
         }
-        match reply.open_backing(&file) {
-            Ok(id) => Some(id),
+        match BackingId::create_raw(device, &file) {
+            Ok(raw) => Some((wrap_backing(reply, raw), raw)),
             Err(e) => {
                 if self.passthrough.swap(false, Ordering::Relaxed) {
                     info!(
@@ -635,6 +710,10 @@ impl ReadOp {
 
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        *self.offer.lock() = Some(KernelOffer {
+            minor: config.kernel_abi().1,
+            capabilities: config.capabilities().bits(),
+        });
         // Optional features: ignore what the kernel does not offer.
         for flag in [
             InitFlags::FUSE_DO_READDIRPLUS,
@@ -728,37 +807,60 @@ impl Filesystem for LayerFs {
         self.counters.note_open(id);
         // NOFLUSH: flush is a no-op here, so close() need not wait for the daemon.
         let noflush = FopenFlags::FOPEN_NOFLUSH;
-        let mut table = self.opens.lock();
+        let mut guard = self.opens.lock();
+        let table = &mut *guard;
         let io = table.inodes.entry(id).or_default();
         // An inode already open in passthrough mode must keep using the same backing id.
-        let backing = match io.backing.upgrade() {
-            Some(b) => Some(b),
-            None if io.cached == 0 => self.open_backing(id, node, &reply).map(|b| {
+        let backing = match (io.backing.upgrade(), io.inherited) {
+            (Some(b), _) => Some(b),
+            (None, Some(raw)) => {
+                // A previous daemon opened `raw` on this connection and never closed it (its
+                // handles are still open); from here on it has exactly one owner.
+                let b = Arc::new((wrap_backing(&reply, raw), raw));
+                io.backing = Arc::downgrade(&b);
+                io.inherited = None;
+                // The inherited handles share it, so it stays open while any of them is.
+                for h in table.handles.values_mut() {
+                    if h.node == id && h.inherited.take().is_some() {
+                        h.backing = Some(Arc::clone(&b));
+                    }
+                }
+                Some(b)
+            }
+            (None, None) if io.cached == 0 => self.open_backing(id, node, &reply).map(|b| {
                 let b = Arc::new(b);
                 io.backing = Arc::downgrade(&b);
                 b
             }),
-            None => None,
+            (None, None) => None,
         };
         match backing {
             Some(b) => {
-                let fh = table.insert(Handle {
-                    node: id,
-                    backing: Some(Arc::clone(&b)),
-                });
+                let fh = table.insert(
+                    Handle {
+                        node: id,
+                        backing: Some(Arc::clone(&b)),
+                        inherited: None,
+                    },
+                    Some(b.1),
+                );
                 self.counters
                     .passthrough_opens
                     .fetch_add(1, Ordering::Relaxed);
                 // Only the passthrough-compatible flags: the kernel fails the open (EIO) if
                 // e.g. KEEP_CACHE comes with PASSTHROUGH; the page cache is not used anyway.
-                reply.opened_passthrough(fh, noflush, &b);
+                reply.opened_passthrough(fh, noflush, &b.0);
             }
             None => {
                 io.cached += 1;
-                let fh = table.insert(Handle {
-                    node: id,
-                    backing: None,
-                });
+                let fh = table.insert(
+                    Handle {
+                        node: id,
+                        backing: None,
+                        inherited: None,
+                    },
+                    None,
+                );
                 // KEEP_CACHE: the content never changes, so pages cached by an earlier open
                 // stay valid.
                 reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE | noflush);
@@ -835,20 +937,31 @@ impl Filesystem for LayerFs {
         reply: ReplyEmpty,
     ) {
         let _timer = OpTimer::new(Op::Release);
-        let mut table = self.opens.lock();
+        let mut guard = self.opens.lock();
+        let table = &mut *guard;
         if let Some(handle) = table.handles.remove(&fh.0) {
             let node = handle.node;
-            let cached = handle.backing.is_none();
+            let cached = handle.backing.is_none() && handle.inherited.is_none();
             // Drops this handle's share of the backing id (closing it if it was the last).
             drop(handle);
+            let handles = &table.handles;
             if let Some(io) = table.inodes.get_mut(&node) {
+                let inherited_left = io.inherited.is_some()
+                    && handles
+                        .values()
+                        .any(|h| h.node == node && h.inherited.is_some());
                 if cached {
                     io.cached = io.cached.saturating_sub(1);
                 }
-                if io.cached == 0 && io.backing.strong_count() == 0 {
+                if !inherited_left {
+                    // Nobody opens with it any more; the connection closes it at the end.
+                    io.inherited = None;
+                }
+                if io.cached == 0 && io.backing.strong_count() == 0 && io.inherited.is_none() {
                     table.inodes.remove(&node);
                 }
             }
+            table.journal.released(fh.0, table.handles.is_empty());
         }
         reply.ok();
     }
@@ -1195,9 +1308,66 @@ impl Filesystem for LayerFs {
 #[derive(Debug)]
 pub struct LayerMount {
     mountpoint: PathBuf,
-    unmounter: Option<SessionUnmounter>,
+    /// How this mount is unmounted: fuser's handle for a mount this process made, a plain
+    /// umount for one taken over; `None` once done.
+    unmount: Option<Unmount>,
     thread: Option<JoinHandle<io::Result<()>>>,
     counters: Arc<Counters>,
+    /// A duplicate of the connection's `/dev/fuse` descriptor, and what the kernel offered on
+    /// it: what a keeper process must hold for a successor to take the mount over.
+    device: OwnedFd,
+    offer: Option<KernelOffer>,
+}
+
+#[derive(Debug)]
+enum Unmount {
+    Fuser(SessionUnmounter),
+    Direct,
+}
+
+/// The fuser session options of a layer mount.
+fn session_config(opts: &MountOptions) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(opts.fsname.clone()),
+        // A kernel option, so the direct mount(2) path sets `fuse.lazypull` too (fuser's
+        // `Subtype` only reaches fusermount).
+        MountOption::CUSTOM("subtype=lazypull".to_string()),
+        MountOption::DefaultPermissions,
+    ];
+    config.acl = session_acl(opts);
+    config
+}
+
+fn session_acl(opts: &MountOptions) -> SessionACL {
+    if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    }
+}
+
+/// The open table a mount starts with: empty for a new mount (the journal emptied), the
+/// journal's open handles for a taken-over one.
+fn open_table(opts: &MountOptions, inherit: bool) -> OpenTable {
+    let Some(path) = &opts.journal else {
+        return OpenTable::new(OpenJournal::disabled());
+    };
+    match OpenJournal::open(path) {
+        Ok((journal, open)) if inherit => OpenTable::inherit(journal, open),
+        Ok((journal, _)) => {
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_len(0));
+            OpenTable::new(journal)
+        }
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "open-file journal unavailable; a restarted daemon cannot take this mount over");
+            OpenTable::new(OpenJournal::disabled())
+        }
+    }
 }
 
 impl LayerMount {
@@ -1218,34 +1388,32 @@ impl LayerMount {
         // fuser mounts at the canonical path; unmount and mount-table checks must use it too.
         let mountpoint = mountpoint.canonicalize().map_err(mount_err)?;
         let counters = Arc::new(Counters::default());
-        let fs = LayerFs::new(layer, source, &opts, Arc::clone(&counters));
-
-        let mut config = Config::default();
-        config.mount_options = vec![
-            MountOption::RO,
-            MountOption::FSName(opts.fsname.clone()),
-            // A kernel option, so the direct mount(2) path sets `fuse.lazypull` too (fuser's
-            // `Subtype` only reaches fusermount).
-            MountOption::CUSTOM("subtype=lazypull".to_string()),
-            MountOption::DefaultPermissions,
-        ];
-        config.acl = if opts.allow_other {
-            SessionACL::All
-        } else {
-            SessionACL::Owner
-        };
+        let fs = LayerFs::new(
+            layer,
+            source,
+            &opts,
+            Arc::clone(&counters),
+            open_table(&opts, false),
+        );
+        let (device_slot, offer) = (Arc::clone(&fs.device), Arc::clone(&fs.offer));
         // Mounts and completes FUSE_INIT before returning.
-        let mut session = Session::new(fs, &mountpoint, &config).map_err(mount_err)?;
+        let mut session =
+            Session::new(fs, &mountpoint, &session_config(&opts)).map_err(mount_err)?;
         let unmounter = session.unmount_callable();
+        let device = session.as_fd().try_clone_to_owned().map_err(mount_err)?;
+        let _ = device_slot.set(device.try_clone().map_err(mount_err)?);
+        let offer = *offer.lock();
         let thread = std::thread::Builder::new()
             .name("lazypull-fuse".to_string())
             .spawn(move || session.run())
             .map_err(mount_err)?;
         let mut mount = LayerMount {
             mountpoint,
-            unmounter: Some(unmounter),
+            unmount: Some(Unmount::Fuser(unmounter)),
             thread: Some(thread),
             counters,
+            device,
+            offer,
         };
         match fuse_mounted_at(&mount.mountpoint) {
             Ok(true) => {
@@ -1264,6 +1432,80 @@ impl LayerMount {
                 })
             }
         }
+    }
+
+    /// Serves `layer` on `device`, the live connection of a mount at `mountpoint` whose daemon
+    /// died (a keeper process held the descriptor), instead of mounting anew: containers with
+    /// the old mount in their overlays keep working, and the requests they queued meanwhile
+    /// are answered. `mountpoint` must be the path the mount was made at; it is not touched
+    /// (a lookup there would wait for this very process). `layer` must be built from the same
+    /// TOC (inode numbers are positions in it) and `opts.journal` name the previous journal.
+    pub fn take_over(
+        layer: Arc<Layer>,
+        source: Arc<dyn ContentSource>,
+        mountpoint: &Path,
+        opts: MountOptions,
+        device: OwnedFd,
+        offer: KernelOffer,
+    ) -> Result<LayerMount, FuseError> {
+        let mount_err = |source: io::Error| FuseError::Mount {
+            mountpoint: mountpoint.to_path_buf(),
+            source,
+        };
+        match fuse_mounted_at(mountpoint) {
+            Ok(true) => {}
+            Ok(false) => return Err(FuseError::NotLive(mountpoint.to_path_buf())),
+            Err(source) => {
+                return Err(FuseError::Inspect {
+                    path: PathBuf::from("/proc/self/mountinfo"),
+                    source,
+                })
+            }
+        }
+        let counters = Arc::new(Counters::default());
+        let fs = LayerFs::new(
+            layer,
+            source,
+            &opts,
+            Arc::clone(&counters),
+            open_table(&opts, true),
+        );
+        let device_slot = Arc::clone(&fs.device);
+        let kept = device.try_clone().map_err(mount_err)?;
+        let session = crate::takeover::take_over_session(
+            fs,
+            device,
+            offer,
+            session_acl(&opts),
+            session_config(&opts),
+        )
+        .map_err(mount_err)?;
+        let _ = device_slot.set(session.as_fd().try_clone_to_owned().map_err(mount_err)?);
+        match crate::takeover::resend_unanswered(session.as_fd()) {
+            Ok(()) => {}
+            Err(e) => warn!(mountpoint = %mountpoint.display(), error = %e,
+                "kernel cannot resend requests the killed daemon had taken; those wait until the mount goes"),
+        }
+        let thread = std::thread::Builder::new()
+            .name("lazypull-fuse".to_string())
+            .spawn(move || session.run())
+            .map_err(mount_err)?;
+        info!(mountpoint = %mountpoint.display(), fsname = %opts.fsname, "took over a live layer mount");
+        Ok(LayerMount {
+            mountpoint: mountpoint.to_path_buf(),
+            unmount: Some(Unmount::Direct),
+            thread: Some(thread),
+            counters,
+            device: kept,
+            offer: Some(offer),
+        })
+    }
+
+    /// The connection's `/dev/fuse` descriptor and the kernel's offer, for a keeper process
+    /// that lets a successor [`LayerMount::take_over`] this mount. `None` if the kernel's
+    /// offer was not seen (never for mounts made by this module).
+    pub fn connection(&self) -> Option<(BorrowedFd<'_>, KernelOffer)> {
+        Some((self.device.as_fd(), self.offer?))
     }
 
     /// Where the layer is mounted (canonical path).
@@ -1289,11 +1531,16 @@ impl LayerMount {
     }
 
     fn unmount_inner(&mut self) -> Result<(), FuseError> {
-        let Some(mut unmounter) = self.unmounter.take() else {
-            return Ok(());
+        let result = match self.unmount.take() {
+            None => return Ok(()),
+            Some(Unmount::Fuser(mut unmounter)) => unmounter.unmount(),
+            Some(Unmount::Direct) => {
+                nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty())
+                    .map_err(io::Error::from)
+            }
         };
         let mut detached = false;
-        if let Err(e) = unmounter.unmount() {
+        if let Err(e) = result {
             // Busy, or already gone (unmounted from outside, or a dead connection detached by
             // `unmount_stale`). fuser has given up its handle either way, so nothing else will
             // unmount this path behind our back.
@@ -1377,8 +1624,9 @@ pub fn unmount_stale(mountpoint: &Path) -> Result<bool, FuseError> {
 }
 
 /// Whether a FUSE filesystem is mounted exactly at `path` (canonical) in this process's mount
-/// namespace.
-fn fuse_mounted_at(path: &Path) -> io::Result<bool> {
+/// namespace. Reads the mount table only: never touches the mount (whose server may be this
+/// very process, not serving yet).
+pub fn fuse_mounted_at(path: &Path) -> io::Result<bool> {
     let info = std::fs::read("/proc/self/mountinfo")?;
     let want = path.as_os_str().as_bytes();
     Ok(info.split(|&b| b == b'\n').any(|line| {

@@ -9,6 +9,8 @@
 //! - [`fuse`]: the read-only FUSE filesystem of one layer (async reads, passthrough).
 //! - [`open`]: opening a registry layer: lazily (eStargz, zstd:chunked) or by a verified whole
 //!   fetch.
+//! - [`takeover`]: serving a live FUSE connection a killed daemon left (restart without
+//!   breaking running containers).
 //! - [`local`]: the whole-fetch path: download, convert once to a local eStargz copy, serve.
 
 pub mod chunks;
@@ -17,5 +19,6 @@ pub mod fuse;
 pub mod local;
 pub mod metrics;
 pub mod open;
+pub mod takeover;
 pub mod toc;
 pub mod zstd_chunked;

@@ -28,7 +28,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    cli::init_logging(settings.log_format, matches!(cli.command, Command::Serve));
+    cli::init_logging(
+        settings.log_format,
+        matches!(cli.command, Command::Serve | Command::FuseKeeper { .. }),
+    );
     // `run` reports its own failures as 125 so they are told apart from the container's
     // exit codes.
     let failure = if matches!(cli.command, Command::Run(_)) {

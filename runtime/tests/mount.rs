@@ -307,3 +307,135 @@ async fn layers_shared_between_images_are_mounted_once() {
     });
     assert_eq!(layer_mounts(&root), 0);
 }
+
+/// Waits up to `timeout` for a reader thread; fails the test if it is still blocked.
+fn join_within<T>(t: std::thread::JoinHandle<T>, timeout: Duration, what: &str) -> T {
+    let start = Instant::now();
+    while !t.is_finished() {
+        assert!(
+            start.elapsed() < timeout,
+            "{what} still blocked after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.join().unwrap()
+}
+
+/// Issue 6: a daemon killed with SIGKILL leaves its FUSE connections with the keeper, so reads
+/// of files nobody read yet wait instead of failing; the next daemon takes the same mounts over
+/// and answers them, including a read the killed daemon had taken and was fetching, and a new
+/// open of a file that is still open in passthrough mode (which must reuse its backing id).
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_daemon_mounts_stay_alive_and_the_next_daemon_takes_them_over() {
+    let registry = TestRegistry::plain();
+    // One chunk: once read, it is a complete local file (passthrough on the next open).
+    let a = random_bytes(1 << 20, 51);
+    let b = random_bytes(2 << 20, 52);
+    let slow = random_bytes(3 << 20, 53);
+    let tar = build_tar(vec![
+        E::File("a.bin", 0o644, a.clone()),
+        E::File("b.bin", 0o644, b.clone()),
+        E::File("slow.bin", 0o644, slow.clone()),
+        E::File("note.txt", 0o644, b"written before the crash\n".to_vec()),
+    ]);
+    push_estargz(&registry, "lazy/takeover", &[&tar]).await;
+    let proxy = CountingProxy::start(&registry.host());
+    let mnt = tempfile::tempdir().unwrap();
+    let mut lp = lazypull(&["--background-fill", "false"]);
+    let image = format!("{}/lazy/takeover:v1", proxy.host());
+    tokio::task::block_in_place(|| {
+        lp.mount(&image, mnt.path());
+        // Read whole, a.bin is complete and local: its next open is a passthrough one.
+        assert!(std::fs::read(mnt.path().join("a.bin")).unwrap() == a);
+        let mut held = std::fs::File::open(mnt.path().join("a.bin")).unwrap();
+        let mut first = [0u8; 16];
+        std::io::Read::read_exact(&mut held, &mut first).unwrap();
+        assert_eq!(first, a[..16]);
+        // The journal (24-byte records: tag, node, fh, backing id) shows the open handle went
+        // passthrough; otherwise this test would not cover reusing its backing id.
+        let journal_dir = lp.root.path().join("journal");
+        let journal: Vec<u8> = std::fs::read_dir(&journal_dir)
+            .unwrap()
+            .flat_map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        assert!(
+            journal
+                .chunks_exact(24)
+                .any(|r| r[0] == 1 && r[16..20] != [0, 0, 0, 0]),
+            "no passthrough handle in the journal ({} bytes)",
+            journal.len()
+        );
+
+        // A read the daemon takes, then waits on the (slowed) registry for.
+        proxy.set_delay(Duration::from_secs(2));
+        let p = mnt.path().join("slow.bin");
+        let in_flight = std::thread::spawn(move || std::fs::read(p));
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!in_flight.is_finished(), "the read was not in flight");
+
+        let pid = lp.daemon_pid().expect("daemon pid");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        assert!(lp.wait_daemon_exit(Duration::from_secs(10)));
+        assert!(lp.keeper_pid().is_some(), "no FUSE keeper: {}", lp.log());
+        proxy.set_delay(Duration::ZERO);
+
+        // A file nobody read yet: the read waits for the next daemon instead of failing.
+        let p = mnt.path().join("b.bin");
+        let waiting = std::thread::spawn(move || std::fs::read(p));
+        std::thread::sleep(Duration::from_secs(1));
+        if waiting.is_finished() {
+            panic!(
+                "read with the daemon dead did not wait: {:?}",
+                waiting.join().unwrap().map(|v| v.len())
+            );
+        }
+
+        let out = lp.cmd(&["images"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = join_within(waiting, Duration::from_secs(30), "the waiting read");
+        assert!(got.unwrap() == b, "waiting read returned wrong data");
+        let got = join_within(in_flight, Duration::from_secs(30), "the in-flight read");
+        assert!(
+            got.unwrap() == slow,
+            "the read the killed daemon had taken returned wrong data"
+        );
+        // The open file reads on, and a new open of it (same inode, passthrough) works.
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut held, &mut rest).unwrap();
+        assert!(
+            rest == a[16..],
+            "held file read wrong data after the takeover"
+        );
+        assert!(std::fs::read(mnt.path().join("a.bin")).unwrap() == a);
+        assert_eq!(
+            std::fs::read(mnt.path().join("note.txt")).unwrap(),
+            b"written before the crash\n"
+        );
+        let log = lp.log();
+        assert!(log.contains("took over a live layer mount"), "{log}");
+        drop(held);
+        lp.umount(mnt.path());
+        assert!(lp.shutdown(), "daemon did not stop:\n{}", lp.log());
+        let start = Instant::now();
+        while lp.keeper_pid().is_some() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "the keeper outlived a clean shutdown"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    assert!(
+        lp.mounts_under_root().is_empty(),
+        "mounts left behind: {:?}",
+        lp.mounts_under_root()
+    );
+}

@@ -121,12 +121,24 @@ impl Lazypull {
     /// PID of this root's daemon, from `/proc/*/cmdline`.
     pub fn daemon_pid(&self) -> Option<u32> {
         let root = self.root.path().to_string_lossy().into_owned();
+        self.find_process(|args| args.contains(&&b"serve"[..]) && args.contains(&root.as_bytes()))
+    }
+
+    /// PID of this root's FUSE keeper (`lazypull fuse-keeper --socket <root>/...`).
+    pub fn keeper_pid(&self) -> Option<u32> {
+        let socket = self.root.path().join("fuse-keeper.sock");
+        let socket = socket.to_string_lossy().into_owned();
+        self.find_process(|args| {
+            args.contains(&&b"fuse-keeper"[..]) && args.contains(&socket.as_bytes())
+        })
+    }
+
+    fn find_process(&self, matches: impl Fn(&[&[u8]]) -> bool) -> Option<u32> {
         std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            let has = |s: &[u8]| args.contains(&s);
-            (has(b"serve") && has(root.as_bytes()))
+            matches(&args)
                 .then_some(pid)
                 .filter(|pid| crate::pid_alive(*pid))
         })
@@ -200,6 +212,15 @@ impl Drop for Lazypull {
         } else if let Some(pid) = self.daemon_pid() {
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
             self.wait_daemon_exit(Duration::from_secs(5));
+        }
+        // The keeper of a killed daemon holds its FUSE connections: let them go, so the
+        // mounts below fail fast instead of waiting for a daemon.
+        if let Some(pid) = self.keeper_pid() {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            let start = Instant::now();
+            while self.keeper_pid().is_some() && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         // Containers the daemon could not remove (it was killed in the test) go too.
         let runc_root = self.root.path().join("runc");

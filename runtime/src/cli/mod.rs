@@ -194,6 +194,18 @@ pub enum Command {
         #[arg(long)]
         rm: bool,
     },
+    /// Hold the daemon's FUSE connections so its mounts survive a daemon crash (started by
+    /// `serve`; exits when the daemon stops cleanly, or `--grace` seconds after it died and
+    /// none came back).
+    #[command(hide = true)]
+    FuseKeeper {
+        /// The socket the daemon talks to it on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Seconds to hold the mounts of a daemon that does not come back.
+        #[arg(long, default_value_t = 600)]
+        grace: u64,
+    },
 }
 
 /// Logs go to stderr (the daemon's stderr is its log file); `RUST_LOG` filters them.
@@ -262,6 +274,12 @@ pub async fn execute(cli: Cli, settings: Settings) -> Result<u8> {
             rpull::rpull(s, *args).await?;
         }
         Command::ContainerShim { id, rm } => return run::shim(s, &id, rm).await,
+        Command::FuseKeeper { socket, grace } => {
+            tokio::task::spawn_blocking(move || {
+                crate::daemon::keeper::run(&socket, Duration::from_secs(grace))
+            })
+            .await??;
+        }
         Command::Ps { all, quiet, json } => {
             ensure_daemon(s).await?;
             let list: Vec<ContainerInfo> = call(s, &Request::Ps, false).await?.decode()?;

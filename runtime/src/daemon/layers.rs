@@ -65,15 +65,22 @@ pub async fn acquire_all(
     events: &Events,
 ) -> Result<String> {
     let descs: Vec<LayerDescriptor> = layers.iter().map(descriptor).collect::<Result<_>>()?;
-    let (engine, cache, root, settings) = {
+    let (engine, cache, root, settings, keeper) = {
         let st = state.lock().await;
         (
             st.engine.clone(),
             st.cache.clone(),
             st.settings.root.clone(),
             st.settings.clone(),
+            st.keeper.clone(),
         )
     };
+    // Canonical, as the mount table (and so the keeper's keys) name mounts; the parent only:
+    // resolving a mount point the keeper holds would wait for this process to serve it.
+    let layers_dir = root
+        .join("layers")
+        .canonicalize()
+        .unwrap_or_else(|_| root.join("layers"));
     let missing: Vec<&LayerDescriptor> = {
         let st = state.lock().await;
         let mut seen = std::collections::HashSet::new();
@@ -123,22 +130,57 @@ pub async fn acquire_all(
                 continue;
             }
         };
-        let dir = root.join("layers").join(desc.digest.hex());
-        let mounted = std::fs::create_dir_all(&dir)
-            .with_context(|| format!("creating {}", dir.display()))
-            .and_then(|()| {
-                let _ = lazypull_fs::fuse::unmount_stale(&dir);
-                LayerMount::mount(
-                    opened.source.layer().clone(),
-                    Arc::new(opened.source.clone()),
-                    &dir,
-                    MountOptions {
-                        fsname: format!("lazypull:{}", desc.digest),
-                        ..MountOptions::default()
-                    },
-                )
-                .with_context(|| format!("mounting layer {} at {}", desc.digest, dir.display()))
-            });
+        let dir = layers_dir.join(desc.digest.hex());
+        let opts = MountOptions {
+            fsname: format!("lazypull:{}", desc.digest),
+            journal: Some(journal_path(&root, &desc.digest)),
+            ..MountOptions::default()
+        };
+        let inherited = state.lock().await.inherited.remove(&dir);
+        let taken = inherited.and_then(|(device, offer)| {
+            match LayerMount::take_over(
+                opened.source.layer().clone(),
+                Arc::new(opened.source.clone()),
+                &dir,
+                opts.clone(),
+                device,
+                offer,
+            ) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(layer = %desc.digest, error = %e,
+                        "cannot take over the previous daemon's mount; mounting anew (its users lose it)");
+                    let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
+                    if let Some(k) = &keeper {
+                        k.forget(&dir);
+                    }
+                    None
+                }
+            }
+        });
+        let mounted = match taken {
+            Some(m) => Ok(m),
+            None => std::fs::create_dir_all(&dir)
+                .with_context(|| format!("creating {}", dir.display()))
+                .and_then(|()| {
+                    let _ = lazypull_fs::fuse::unmount_stale(&dir);
+                    LayerMount::mount(
+                        opened.source.layer().clone(),
+                        Arc::new(opened.source.clone()),
+                        &dir,
+                        opts,
+                    )
+                    .with_context(|| format!("mounting layer {} at {}", desc.digest, dir.display()))
+                }),
+        };
+        if let (Ok(m), Some(k)) = (&mounted, &keeper) {
+            if let Some((device, offer)) = m.connection() {
+                if let Err(e) = k.put(m.mountpoint(), &offer.encode(), device) {
+                    tracing::warn!(layer = %desc.digest, error = %format!("{e:#}"),
+                        "the FUSE keeper does not hold this mount; a daemon restart would cut its users off");
+                }
+            }
+        }
         match mounted {
             Ok(mount) => {
                 let local = match &opened.served {
@@ -314,15 +356,25 @@ pub fn release_all(st: &mut State, layers: &[LayerRecord]) {
     }
 }
 
+/// The open-file journal of a layer's mount (for a successor daemon's takeover).
+fn journal_path(root: &std::path::Path, digest: &Digest) -> PathBuf {
+    root.join("journal").join(digest.hex())
+}
+
 /// Unmounts a layer regardless of references (shutdown, failed pulls).
 pub fn drop_layer(st: &mut State, digest: &Digest) {
     if let Some(mut l) = st.layers.remove(digest) {
         l.fill.abort();
         if let Some(m) = l.mount.take() {
+            let mountpoint = m.mountpoint().to_path_buf();
             if let Err(e) = m.unmount() {
                 tracing::warn!(layer = %digest, error = %e, "unmounting layer");
             }
+            if let Some(k) = &st.keeper {
+                k.forget(&mountpoint);
+            }
         }
+        let _ = std::fs::remove_file(journal_path(&st.settings.root, digest));
         let _ = std::fs::remove_dir(&l.dir);
         tracing::debug!(layer = %digest, "layer unmounted");
     }

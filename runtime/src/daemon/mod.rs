@@ -9,6 +9,7 @@
 //! the recorded images again.
 
 mod containers;
+pub mod keeper; // holds FUSE connections across daemon restarts (issue 6)
 mod layer_store; // podman / CRI-O additional layer store (issue 7)
 mod layers;
 pub mod metrics;
@@ -54,6 +55,46 @@ pub struct State {
     images: BTreeMap<String, ImageEntry>,
     mounts: BTreeMap<PathBuf, MountRecord>,
     containers: BTreeMap<String, ContainerRecord>,
+    /// The process holding every layer mount's FUSE connection across restarts; `None` if it
+    /// could not be started (a restart then cuts running containers off unread files).
+    keeper: Option<Arc<keeper::Keeper>>,
+    /// Live layer mounts a killed predecessor left (by mount point), waiting for their layer
+    /// to be opened again and the mount taken over.
+    inherited: HashMap<PathBuf, (std::os::fd::OwnedFd, lazypull_fs::takeover::KernelOffer)>,
+}
+
+/// How long the keeper holds the mounts of a daemon that does not come back.
+const KEEPER_GRACE: Duration = Duration::from_secs(600);
+
+/// The mounts the keeper holds that are still live, for taking over; the rest it forgets.
+fn inherit_mounts(
+    keeper: &keeper::Keeper,
+) -> HashMap<PathBuf, (std::os::fd::OwnedFd, lazypull_fs::takeover::KernelOffer)> {
+    let kept = match keeper.list() {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot list the mounts the FUSE keeper holds");
+            return HashMap::new();
+        }
+    };
+    let mut out = HashMap::new();
+    for k in kept {
+        let offer = lazypull_fs::takeover::KernelOffer::decode(&k.meta);
+        let live = lazypull_fs::fuse::fuse_mounted_at(&k.mountpoint).unwrap_or(false);
+        match offer {
+            Some(offer) if live => {
+                out.insert(k.mountpoint, (k.device, offer));
+            }
+            _ => keeper.forget(&k.mountpoint),
+        }
+    }
+    if !out.is_empty() {
+        tracing::info!(
+            mounts = out.len(),
+            "live layer mounts of the previous daemon found; taking them over"
+        );
+    }
+    out
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -134,11 +175,21 @@ pub async fn serve(settings: Settings, registry: Registry, ready: impl FnOnce())
         ready();
         return Ok(());
     };
-    for d in ["layers", "containers", "local", "runc"] {
+    for d in ["layers", "journal", "containers", "local", "runc"] {
         std::fs::create_dir_all(root.join(d))
             .with_context(|| format!("creating {}", root.join(d).display()))?;
     }
-    let stale = mounts::clean_stale(&root);
+    let keeper = match keeper::Keeper::connect_or_start(&root, KEEPER_GRACE) {
+        Ok(k) => Some(Arc::new(k)),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"),
+                "no FUSE keeper: if this daemon dies, running containers lose their unread files");
+            None
+        }
+    };
+    let inherited = keeper.as_deref().map(inherit_mounts).unwrap_or_default();
+    let keep: std::collections::HashSet<PathBuf> = inherited.keys().cloned().collect();
+    let stale = mounts::clean_stale(&root, &keep);
     if stale > 0 {
         tracing::warn!(
             count = stale,
@@ -181,6 +232,8 @@ pub async fn serve(settings: Settings, registry: Registry, ready: impl FnOnce())
         mounts: BTreeMap::new(),
         containers: containers.into_iter().map(|c| (c.id.clone(), c)).collect(),
         settings: settings.clone(),
+        keeper,
+        inherited,
     }));
     restore(&state, old_mounts).await;
     if let Some(addr) = &settings.metrics_address {
@@ -194,6 +247,7 @@ pub async fn serve(settings: Settings, registry: Registry, ready: impl FnOnce())
     let snapshotter = snapshots::start(&state, &settings).await?;
     // podman / CRI-O additional layer store.
     let layer_store = layer_store::start(&state, &settings)?;
+    release_unclaimed(&state).await;
 
     let sock = &settings.address;
     if let Some(dir) = sock.parent() {
@@ -290,6 +344,20 @@ async fn restore(state: &Shared, old_mounts: Vec<MountRecord>) {
     }
 }
 
+/// Lets go of the inherited mounts no image or snapshot claimed: their users get ENOTCONN
+/// rather than waiting forever.
+async fn release_unclaimed(state: &Shared) {
+    let mut st = state.lock().await;
+    let left: Vec<PathBuf> = st.inherited.drain().map(|(mp, _)| mp).collect();
+    for mp in left {
+        tracing::warn!(mountpoint = %mp.display(), "a live mount of the previous daemon belongs to no image or snapshot; detaching it");
+        let _ = nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH);
+        if let Some(k) = &st.keeper {
+            k.forget(&mp);
+        }
+    }
+}
+
 async fn shutdown(state: &Shared) {
     let mut st = state.lock().await;
     let mps: Vec<PathBuf> = st.mounts.keys().cloned().collect();
@@ -307,6 +375,10 @@ async fn shutdown(state: &Shared) {
     let digests: Vec<Digest> = st.layers.keys().copied().collect();
     for d in digests {
         layers::drop_layer(&mut st, &d);
+    }
+    // Nothing left to hold: the keeper goes too.
+    if let Some(k) = st.keeper.take() {
+        k.quit();
     }
 }
 

@@ -132,10 +132,14 @@ fn unescape(s: &str) -> String {
 
 /// Detaches every mount at or below `dir`: what a killed daemon left (FUSE mounts whose
 /// server is gone answer "Transport endpoint is not connected", and overlays on top of them).
-/// Returns how many were removed.
-pub fn clean_stale(dir: &Path) -> usize {
+/// Mounts in `keep` (live FUSE mounts about to be taken over) stay. Returns how many were
+/// removed.
+pub fn clean_stale(dir: &Path, keep: &std::collections::HashSet<std::path::PathBuf>) -> usize {
     let mut n = 0;
     for mp in mounts_under(dir) {
+        if keep.contains(&mp) {
+            continue;
+        }
         match umount2(&mp, MntFlags::MNT_DETACH) {
             Ok(()) => {
                 n += 1;

@@ -1,0 +1,430 @@
+//! The FUSE keeper: a small process that holds a duplicate of every layer mount's `/dev/fuse`
+//! descriptor, so a daemon killed with SIGKILL (or crashed) does not take its mounts down with
+//! it (issue 6). The kernel keeps a FUSE connection alive while any process holds its
+//! descriptor; containers' reads of files not read before then wait instead of failing with
+//! "Transport endpoint is not connected", and the next daemon takes the same connections over
+//! ([`lazypull_fs::fuse::LayerMount::take_over`]) and answers them.
+//!
+//! The daemon starts the keeper (`lazypull fuse-keeper`, its own process group, so it outlives
+//! the daemon) or connects to the one a previous daemon started, at `<root>/fuse-keeper.sock`.
+//! Protocol: one `SOCK_SEQPACKET` message per command, text lines, descriptors as
+//! `SCM_RIGHTS`:
+//!
+//! - `PUT\n<key>\n<meta>` + descriptor: hold it under `key` (the mount point; `meta` is the
+//!   kernel's FUSE_INIT offer), replacing an earlier one;
+//! - `DROP\n<key>`: close it (the layer was unmounted);
+//! - `LIST`: answered by one `FD\n<key>\n<meta>` + descriptor message per held entry, then
+//!   `END`;
+//! - `QUIT`: close everything and exit (the daemon stopped cleanly).
+//!
+//! A connection whose mount went away (the kernel aborted it) is dropped by itself. Without any
+//! daemon connected for `grace`, the keeper closes everything and exits: a daemon that never
+//! comes back must not leave containers waiting forever (their reads then fail with ENOTCONN).
+
+use std::collections::BTreeMap;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{
+    accept, bind, connect, listen, recvmsg, sendmsg, socket, AddressFamily, Backlog,
+    ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+};
+use parking_lot::Mutex;
+
+/// Largest message: a key and a meta line.
+const MAX_MSG: usize = 8192;
+/// How long a keeper waits for its first daemon.
+const FIRST_CONTACT: Duration = Duration::from_secs(30);
+
+/// The keeper socket of a root.
+pub fn socket_path(root: &Path) -> PathBuf {
+    root.join("fuse-keeper.sock")
+}
+
+fn seqpacket() -> nix::Result<OwnedFd> {
+    socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+}
+
+fn send(sock: BorrowedFd<'_>, msg: &str, fd: Option<BorrowedFd<'_>>) -> nix::Result<()> {
+    let raw: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg: Vec<ControlMessage> = if raw.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(msg.as_bytes())],
+        &cmsg,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map(|_| ())
+}
+
+/// One message and the descriptors that came with it; `None` at end of stream.
+fn recv(sock: BorrowedFd<'_>) -> nix::Result<Option<(String, Vec<OwnedFd>)>> {
+    let mut buf = vec![0u8; MAX_MSG];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            fds.extend(raw.into_iter().map(owned));
+        }
+    }
+    let n = msg.bytes;
+    if n == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((String::from_utf8_lossy(&buf[..n]).into_owned(), fds)))
+}
+
+/// Takes ownership of a descriptor received with `SCM_RIGHTS`.
+#[allow(unsafe_code)]
+fn owned(fd: RawFd) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` was installed in this process by recvmsg for this message alone; no other
+    // value owns it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Runs the keeper on `socket` until told to quit, or until no daemon has been connected for
+/// `grace`.
+pub fn run(socket: &Path, grace: Duration) -> Result<()> {
+    let listener = seqpacket().context("creating the keeper socket")?;
+    let addr = UnixAddr::new(socket)
+        .with_context(|| format!("keeper socket path {}", socket.display()))?;
+    let _ = std::fs::remove_file(socket);
+    bind(listener.as_raw_fd(), &addr).with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    listen(&listener, Backlog::new(8)?)?;
+    tracing::info!(socket = %socket.display(), "FUSE keeper ready");
+
+    let mut held: BTreeMap<String, (String, OwnedFd)> = BTreeMap::new();
+    let mut clients: Vec<OwnedFd> = Vec::new();
+    let started = Instant::now();
+    let mut ever_connected = false;
+    let mut alone_since = Instant::now();
+    loop {
+        if clients.is_empty() {
+            let alone = alone_since.elapsed();
+            if !ever_connected && held.is_empty() && started.elapsed() > FIRST_CONTACT {
+                break;
+            }
+            if ever_connected && held.is_empty() {
+                break;
+            }
+            if !held.is_empty() && alone > grace {
+                tracing::warn!(
+                    mounts = held.len(),
+                    "no lazypull daemon came back within {}s; letting go of its FUSE mounts \
+                     (their pending reads fail)",
+                    grace.as_secs()
+                );
+                break;
+            }
+        }
+        let keys: Vec<String> = held.keys().cloned().collect();
+        let (ready, gone) = {
+            let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+            fds.extend(
+                clients
+                    .iter()
+                    .map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)),
+            );
+            // No POLLIN on the FUSE descriptors: they are readable whenever requests wait for
+            // the daemon. POLLERR (connection aborted: the mount is gone) is always reported.
+            fds.extend(
+                held.values()
+                    .map(|(_, fd)| PollFd::new(fd.as_fd(), PollFlags::empty())),
+            );
+            match poll(&mut fds, PollTimeout::from(1000u16)) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e).context("poll"),
+            }
+            let is =
+                |f: &PollFd, flags: PollFlags| f.revents().is_some_and(|r| r.intersects(flags));
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|f| {
+                    is(
+                        f,
+                        PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR,
+                    )
+                })
+                .collect();
+            let gone: Vec<String> = fds[1 + clients.len()..]
+                .iter()
+                .zip(&keys)
+                .filter(|(f, _)| {
+                    is(
+                        f,
+                        PollFlags::POLLERR | PollFlags::POLLHUP | PollFlags::POLLNVAL,
+                    )
+                })
+                .map(|(_, k)| k.clone())
+                .collect();
+            (ready, gone)
+        };
+        for k in gone {
+            tracing::debug!(mount = %k, "FUSE connection ended; dropped");
+            held.remove(&k);
+        }
+        if ready[0] {
+            match accept(listener.as_raw_fd()) {
+                Ok(fd) => {
+                    clients.push(owned(fd));
+                    ever_connected = true;
+                }
+                Err(e) => tracing::warn!(error = %e, "keeper accept"),
+            }
+        }
+        let mut closed = Vec::new();
+        let mut quit = false;
+        for (i, c) in clients.iter().enumerate() {
+            if !ready.get(1 + i).copied().unwrap_or(false) {
+                continue;
+            }
+            match recv(c.as_fd()) {
+                Ok(Some((msg, fds))) => {
+                    if serve_one(c.as_fd(), &msg, fds, &mut held) {
+                        quit = true;
+                    }
+                }
+                Ok(None) | Err(_) => closed.push(i),
+            }
+        }
+        if quit {
+            tracing::info!("FUSE keeper stopping (daemon stopped)");
+            return Ok(());
+        }
+        for i in closed.into_iter().rev() {
+            clients.remove(i);
+            if clients.is_empty() {
+                alone_since = Instant::now();
+                if !held.is_empty() {
+                    tracing::warn!(
+                        mounts = held.len(),
+                        "lazypull daemon disconnected; holding its FUSE mounts for the next one"
+                    );
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}
+
+/// Handles one command; true for QUIT.
+fn serve_one(
+    client: BorrowedFd<'_>,
+    msg: &str,
+    mut fds: Vec<OwnedFd>,
+    held: &mut BTreeMap<String, (String, OwnedFd)>,
+) -> bool {
+    let mut lines = msg.splitn(3, '\n');
+    match (lines.next(), lines.next(), lines.next()) {
+        (Some("PUT"), Some(key), meta) if fds.len() == 1 => {
+            let fd = fds.remove(0);
+            held.insert(key.to_string(), (meta.unwrap_or("").to_string(), fd));
+        }
+        (Some("DROP"), Some(key), _) => {
+            held.remove(key);
+        }
+        (Some("LIST"), _, _) => {
+            for (key, (meta, fd)) in held.iter() {
+                if send(client, &format!("FD\n{key}\n{meta}"), Some(fd.as_fd())).is_err() {
+                    return false;
+                }
+            }
+            let _ = send(client, "END", None);
+        }
+        (Some("QUIT"), _, _) => return true,
+        _ => tracing::warn!(message = %msg.lines().next().unwrap_or(""), "keeper: unknown message"),
+    }
+    false
+}
+
+/// One mount a keeper handed back.
+pub struct Kept {
+    /// Its mount point.
+    pub mountpoint: PathBuf,
+    /// What the kernel offered in FUSE_INIT (encoded).
+    pub meta: String,
+    /// The connection.
+    pub device: OwnedFd,
+}
+
+/// The daemon's connection to its keeper.
+pub struct Keeper {
+    sock: Mutex<OwnedFd>,
+}
+
+impl Keeper {
+    /// Connects to the root's keeper, starting one (`exe fuse-keeper`) if none answers.
+    pub fn connect_or_start(root: &Path, grace: Duration) -> Result<Keeper> {
+        let path = socket_path(root);
+        if let Ok(k) = Keeper::connect(&path) {
+            return Ok(k);
+        }
+        let exe = std::env::current_exe().context("finding the lazypull executable")?;
+        let mut child = std::process::Command::new(exe);
+        child
+            .arg("fuse-keeper")
+            .arg("--socket")
+            .arg(&path)
+            .arg("--grace")
+            .arg(grace.as_secs().to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            // Its own process group: it must outlive the daemon, also a daemon killed with
+            // its group.
+            .process_group(0);
+        let mut child = child.spawn().context("starting the FUSE keeper")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(k) = Keeper::connect(&path) {
+                // Reap it when it exits while the daemon still runs.
+                std::thread::spawn(move || {
+                    let _ = child.wait();
+                });
+                return Ok(k);
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("the FUSE keeper exited at start ({status})");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!(
+                    "the FUSE keeper did not open {} within 10 s",
+                    path.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn connect(path: &Path) -> Result<Keeper> {
+        let sock = seqpacket()?;
+        connect(sock.as_raw_fd(), &UnixAddr::new(path)?)?;
+        Ok(Keeper {
+            sock: Mutex::new(sock),
+        })
+    }
+
+    /// Every mount the keeper holds (it keeps holding them).
+    pub fn list(&self) -> Result<Vec<Kept>> {
+        let sock = self.sock.lock();
+        send(sock.as_fd(), "LIST", None).context("asking the FUSE keeper")?;
+        let mut out = Vec::new();
+        loop {
+            let Some((msg, mut fds)) =
+                recv(sock.as_fd()).context("reading from the FUSE keeper")?
+            else {
+                bail!("the FUSE keeper closed the connection");
+            };
+            if msg == "END" {
+                return Ok(out);
+            }
+            let mut lines = msg.splitn(3, '\n');
+            if let (Some("FD"), Some(key), Some(meta), 1) =
+                (lines.next(), lines.next(), lines.next(), fds.len())
+            {
+                out.push(Kept {
+                    mountpoint: PathBuf::from(key),
+                    meta: meta.to_string(),
+                    device: fds.remove(0),
+                });
+            }
+        }
+    }
+
+    /// Hands the keeper a duplicate of a mount's connection.
+    pub fn put(&self, mountpoint: &Path, meta: &str, device: BorrowedFd<'_>) -> Result<()> {
+        let msg = format!("PUT\n{}\n{meta}", mountpoint.display());
+        send(self.sock.lock().as_fd(), &msg, Some(device))
+            .context("handing a mount to the FUSE keeper")
+    }
+
+    /// Tells the keeper a mount is gone.
+    pub fn forget(&self, mountpoint: &Path) {
+        let msg = format!("DROP\n{}", mountpoint.display());
+        if let Err(e) = send(self.sock.lock().as_fd(), &msg, None) {
+            tracing::debug!(error = %e, "telling the FUSE keeper a mount went");
+        }
+    }
+
+    /// Stops the keeper (the daemon stops cleanly, its mounts are gone).
+    pub fn quit(&self) {
+        let _ = send(self.sock.lock().as_fd(), "QUIT", None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A keeper thread: descriptors handed to it come back from LIST, survive the client's
+    /// disconnect, are gone after DROP, and QUIT ends it.
+    #[test]
+    fn holds_lists_drops_and_quits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path());
+        let p = path.clone();
+        let keeper = std::thread::spawn(move || run(&p, Duration::from_secs(60)));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let k = loop {
+            if let Ok(k) = Keeper::connect(&path) {
+                break k;
+            }
+            assert!(Instant::now() < deadline, "keeper did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let (r, w) = nix::unistd::pipe().unwrap();
+        k.put(Path::new("/mnt/a b"), "7.41:1", r.as_fd()).unwrap();
+        k.put(Path::new("/mnt/c"), "7.41:2", r.as_fd()).unwrap();
+        drop(r);
+        drop(k);
+        // A new daemon finds both; the descriptor is the same pipe.
+        let k = Keeper::connect(&path).unwrap();
+        let kept = k.list().unwrap();
+        let keys: Vec<_> = kept.iter().map(|m| m.mountpoint.clone()).collect();
+        assert_eq!(
+            keys,
+            vec![PathBuf::from("/mnt/a b"), PathBuf::from("/mnt/c")]
+        );
+        assert_eq!(kept[0].meta, "7.41:1");
+        nix::unistd::write(&w, b"x").unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(
+            nix::unistd::read(kept[0].device.as_raw_fd(), &mut b).unwrap(),
+            1
+        );
+        assert_eq!(&b, b"x");
+        k.forget(Path::new("/mnt/a b"));
+        let kept = k.list().unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].mountpoint, PathBuf::from("/mnt/c"));
+        k.quit();
+        keeper.join().unwrap().unwrap();
+    }
+}
