@@ -453,7 +453,6 @@ impl LayerFs {
         layer: Arc<Layer>,
         source: Arc<dyn ContentSource>,
         opts: &MountOptions,
-        counters: Arc<Counters>,
         opens: OpenTable,
     ) -> LayerFs {
         let total_bytes: u64 = (0..layer.len())
@@ -472,7 +471,7 @@ impl LayerFs {
             },
             want_passthrough: opts.passthrough,
             passthrough: AtomicBool::new(false),
-            counters,
+            counters: Arc::new(Counters::default()),
             opens: Mutex::new(opens),
             total_blocks: total_bytes.div_ceil(u64::from(BLOCK)),
             device: Arc::new(std::sync::OnceLock::new()),
@@ -1387,14 +1386,8 @@ impl LayerMount {
         };
         // fuser mounts at the canonical path; unmount and mount-table checks must use it too.
         let mountpoint = mountpoint.canonicalize().map_err(mount_err)?;
-        let counters = Arc::new(Counters::default());
-        let fs = LayerFs::new(
-            layer,
-            source,
-            &opts,
-            Arc::clone(&counters),
-            open_table(&opts, false),
-        );
+        let fs = LayerFs::new(layer, source, &opts, open_table(&opts, false));
+        let counters = Arc::clone(&fs.counters);
         let (device_slot, offer) = (Arc::clone(&fs.device), Arc::clone(&fs.offer));
         // Mounts and completes FUSE_INIT before returning.
         let mut session =
@@ -1462,14 +1455,8 @@ impl LayerMount {
                 })
             }
         }
-        let counters = Arc::new(Counters::default());
-        let fs = LayerFs::new(
-            layer,
-            source,
-            &opts,
-            Arc::clone(&counters),
-            open_table(&opts, true),
-        );
+        let fs = LayerFs::new(layer, source, &opts, open_table(&opts, true));
+        let counters = Arc::clone(&fs.counters);
         let device_slot = Arc::clone(&fs.device);
         let kept = device.try_clone().map_err(mount_err)?;
         let session = crate::takeover::take_over_session(

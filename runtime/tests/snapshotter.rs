@@ -7,7 +7,9 @@
 //!   store holds only manifest and config;
 //! - a plain gzip image through `ctr images pull --snapshotter lazypull` (containerd applies
 //!   the layers into lazypull's local snapshots) and through `rpull` (fallback per layer);
-//! - the daemon killed with SIGKILL and restarted: remote snapshots are mounted again before
+//! - the daemon killed with SIGKILL and restarted: a running container's read of a file it
+//!   never read waits for the new daemon and then succeeds (the FUSE keeper holds the
+//!   connections, the new daemon takes them over); remote snapshots are mounted again before
 //!   containerd is answered, and `ctr run` works again;
 //! - `ctr snapshots` prepare/commit/view/mounts/usage/info/tree/label/ls/rm against both the
 //!   overlayfs snapshotter and lazypull's, outputs compared;
@@ -397,8 +399,55 @@ fn daemon_killed_and_restarted_remounts_remote_snapshots() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The running container reads a file it never read: with the daemon dead the read waits
+    // (the keeper holds the FUSE connection) instead of failing.
+    let waiting = s
+        .containerd
+        .ctr_command(&[
+            "tasks",
+            "exec",
+            "--exec-id",
+            "during-restart",
+            "long-1",
+            "cat",
+            "/srv/variant.txt",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waiting = std::thread::spawn(move || waiting.wait_with_output().unwrap());
+    std::thread::sleep(Duration::from_secs(1));
+    if waiting.is_finished() {
+        let out = waiting.join().unwrap();
+        panic!(
+            "exec with the daemon dead did not wait: {} {}",
+            stdout(&out),
+            stderr(&out)
+        );
+    }
     // Restart (any command starts the daemon again); the registry is gone.
     s.lp.ok(&["images"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !waiting.is_finished() {
+        assert!(Instant::now() < deadline, "the waiting read never returned");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = waiting.join().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "esgz");
+    // And a new process of the running container reads another unread file.
+    let out = s.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "after-restart",
+        "long-1",
+        "cat",
+        "/srv/later.txt",
+    ]);
+    assert_eq!(out, "read after the restart\n");
     // containerd reconnects to the socket (its back-off is at most 3 s).
     let deadline = Instant::now() + Duration::from_secs(15);
     while !s

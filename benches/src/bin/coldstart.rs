@@ -1144,7 +1144,8 @@ fn leftovers() -> Vec<String> {
         if let Ok(out) = out {
             for line in String::from_utf8_lossy(&out.stdout).lines() {
                 let is_ours = line.contains("lazypull-containerd-")
-                    || (name == "lazypull" && line.contains(" serve"))
+                    || (name == "lazypull"
+                        && (line.contains(" serve") || line.contains(" fuse-keeper")))
                     || (name == "docker-registry" && line.contains(&tmp));
                 if is_ours {
                     left.push(format!("process {line}"));
