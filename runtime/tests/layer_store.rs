@@ -20,7 +20,7 @@ use common::{
     sha256_hex, zstd_chunked_layer, RealisticImage, E,
 };
 use lazypull_tests::podman::{layer_store_options, Podman};
-use lazypull_tests::{gzip, CountingProxy, ImageSpec, Layer, TestRegistry};
+use lazypull_tests::{gzip, CountingProxy, ImageSpec, Layer, TestRegistry, Waiting};
 
 fn have_tools() -> bool {
     let runc = Path::new("/usr/sbin/runc").exists() || Path::new("/usr/bin/runc").exists();
@@ -295,4 +295,72 @@ fn zstd_chunked_goes_through_the_store_and_plain_gzip_through_podman() {
         log.contains("not served lazily") && log.contains("plain gzip"),
         "the fallback is not logged: {log}"
     );
+}
+
+/// Issue 6 through podman: a container running on store layers while the daemon is killed
+/// keeps reading files it never read. The keeper holds the layer mounts; the new daemon takes
+/// them over at start even though the store opens layers only on lookup (the mounts carry the
+/// layer's identity); the read made while the daemon was dead waits and then succeeds.
+#[test]
+fn a_podman_container_keeps_its_unread_files_across_a_daemon_kill() {
+    if !have_tools() {
+        return;
+    }
+    let registry = TestRegistry::plain();
+    // Unique content: podman must not find these layers anywhere but in the store.
+    let run = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+    let later = format!("read after the kill ({run})\n");
+    let tag = format!("srv/survive-{run}.txt");
+    let data = build_tar(vec![
+        E::Dir("srv", 0o755),
+        E::File(&tag, 0o644, tag.clone().into_bytes()),
+        E::File("srv/later.txt", 0o644, later.clone().into_bytes()),
+    ]);
+    let entry = busybox_layer(std::slice::from_ref(&tag));
+    let layers = vec![estargz_layer(&data, None).0, estargz_layer(&entry, None).0];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(push(&registry, "store/survive", layers));
+    drop(rt);
+
+    let store = StoreDir::new();
+    let store_path = store.path().display().to_string();
+    let lp = lazypull(&["--layer-store", &store_path]);
+    lp.ok(&["ps"]);
+    let podman = Podman::new(&[registry.host()], &layer_store_options(&store.path()));
+    let image = format!("{}/store/survive:v1", registry.host());
+    assert_no_warning(&podman.cmd(&["pull", &image]), "podman pull");
+    let out = podman.cmd(&[
+        "run",
+        "-d",
+        "--name",
+        "survivor",
+        "--network",
+        "none",
+        &image,
+        "sleep",
+        "600",
+    ]);
+    assert!(out.status.success(), "podman run -d: {}", stderr(&out));
+
+    lp.kill_daemon();
+    let mut waiting = Waiting::spawn(
+        podman.command(&["exec", "survivor", "cat", "/srv/later.txt"]),
+        "podman exec with the daemon dead",
+    );
+    waiting.assert_waits(std::time::Duration::from_secs(1));
+    lp.ok(&["ps"]); // starts the daemon again
+    let out = waiting.finish(std::time::Duration::from_secs(30), || lp.log());
+    assert!(out.status.success(), "podman exec: {}", stderr(&out));
+    assert_eq!(stdout(&out), later);
+    let log = lp.log();
+    assert!(log.contains("took over a live layer mount"), "{log}");
+    assert!(
+        log.contains("kept a layer mount no image or snapshot names"),
+        "{log}"
+    );
+    let _ = podman.cmd(&["rm", "-f", "-t", "0", "survivor"]);
 }

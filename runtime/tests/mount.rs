@@ -373,13 +373,7 @@ async fn killed_daemon_mounts_stay_alive_and_the_next_daemon_takes_them_over() {
         std::thread::sleep(Duration::from_millis(500));
         assert!(!in_flight.is_finished(), "the read was not in flight");
 
-        let pid = lp.daemon_pid().expect("daemon pid");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        assert!(lp.wait_daemon_exit(Duration::from_secs(10)));
+        lp.kill_daemon();
         assert!(lp.keeper_pid().is_some(), "no FUSE keeper: {}", lp.log());
         proxy.set_delay(Duration::ZERO);
 
@@ -394,6 +388,7 @@ async fn killed_daemon_mounts_stay_alive_and_the_next_daemon_takes_them_over() {
             );
         }
 
+        let restart = Instant::now();
         let out = lp.cmd(&["images"]);
         assert!(
             out.status.success(),
@@ -401,6 +396,10 @@ async fn killed_daemon_mounts_stay_alive_and_the_next_daemon_takes_them_over() {
             String::from_utf8_lossy(&out.stderr)
         );
         let got = join_within(waiting, Duration::from_secs(30), "the waiting read");
+        eprintln!(
+            "takeover: the waiting read returned {:?} after the restart began",
+            restart.elapsed()
+        );
         assert!(got.unwrap() == b, "waiting read returned wrong data");
         let got = join_within(in_flight, Duration::from_secs(30), "the in-flight read");
         assert!(

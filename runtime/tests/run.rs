@@ -386,15 +386,7 @@ async fn daemon_killed_while_a_container_runs_is_restarted_clean() {
             lp.ok(&["images"]).contains("100%")
         });
         registry.kill();
-        let pid = lp.daemon_pid().expect("daemon pid");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        wait_for("the daemon to die", Duration::from_secs(10), || {
-            lp.daemon_pid().is_none()
-        });
+        lp.kill_daemon();
         let out = lp.cmd(&["images"]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(

@@ -26,7 +26,9 @@ use common::{
     build_tar, busybox_layer, estargz_layer, lazypull, realistic_image, runnable_config,
     sha256_hex, Lazypull, RealisticImage, E,
 };
-use lazypull_tests::{gzip, CountingProxy, ImageSpec, Layer, TestContainerd, TestRegistry};
+use lazypull_tests::{
+    gzip, CountingProxy, ImageSpec, Layer, TestContainerd, TestRegistry, Waiting,
+};
 
 fn have_runc() -> bool {
     Path::new("/usr/sbin/runc").exists() || Path::new("/usr/bin/runc").exists()
@@ -382,28 +384,11 @@ fn daemon_killed_and_restarted_remounts_remote_snapshots() {
         std::thread::sleep(Duration::from_millis(200));
     }
     registry.kill();
-    let pid = s.lp.daemon_pid().expect("daemon pid");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    assert!(s.lp.wait_daemon_exit(Duration::from_secs(10)));
-    // Its cmdline goes before its sockets close (exit releases memory first): wait until the
-    // socket refuses connections, so the next command starts a new daemon.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while s.lp.daemon_running() {
-        assert!(
-            Instant::now() < deadline,
-            "the killed daemon's socket still answers"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    s.lp.kill_daemon();
     // The running container reads a file it never read: with the daemon dead the read waits
     // (the keeper holds the FUSE connection) instead of failing.
-    let waiting = s
-        .containerd
-        .ctr_command(&[
+    let mut waiting = Waiting::spawn(
+        s.containerd.ctr_command(&[
             "tasks",
             "exec",
             "--exec-id",
@@ -411,30 +396,13 @@ fn daemon_killed_and_restarted_remounts_remote_snapshots() {
             "long-1",
             "cat",
             "/srv/variant.txt",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let waiting = std::thread::spawn(move || waiting.wait_with_output().unwrap());
-    std::thread::sleep(Duration::from_secs(1));
-    if waiting.is_finished() {
-        let out = waiting.join().unwrap();
-        panic!(
-            "exec with the daemon dead did not wait: {} {}",
-            stdout(&out),
-            stderr(&out)
-        );
-    }
+        ]),
+        "exec with the daemon dead",
+    );
+    waiting.assert_waits(Duration::from_secs(1));
     // Restart (any command starts the daemon again); the registry is gone.
     s.lp.ok(&["images"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !waiting.is_finished() {
-        assert!(Instant::now() < deadline, "the waiting read never returned");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = waiting.join().unwrap();
+    let out = waiting.finish(Duration::from_secs(30), || s.lp.log());
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "esgz");
     // And a new process of the running container reads another unread file.

@@ -173,6 +173,30 @@ impl Lazypull {
         true
     }
 
+    /// Kills the daemon with SIGKILL (a crash) and waits until it is gone and its socket
+    /// refuses connections, so the next command starts a new one. Its FUSE keeper stays.
+    pub fn kill_daemon(&self) {
+        let pid = self.daemon_pid().expect("no lazypull daemon to kill");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill -9 the daemon");
+        assert!(
+            self.wait_daemon_exit(Duration::from_secs(10)),
+            "the killed daemon did not exit"
+        );
+        // Its cmdline goes before its sockets close: wait until the socket refuses.
+        let start = Instant::now();
+        while self.daemon_running() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the killed daemon's socket still answers"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `lazypull shutdown --force` and wait for the process to go.
     pub fn shutdown(&self) -> bool {
         let _ = self.cmd(&["shutdown", "--force"]);

@@ -39,4 +39,4 @@ pub use push::{
 };
 pub use registry::{RegistryAuth, TestRegistry};
 pub use token::{Access, CredentialCheck, TokenIssuer, TokenIssuerConfig, TokenRequest};
-pub use util::{free_port, gzip, pid_alive, random_bytes};
+pub use util::{free_port, gzip, pid_alive, random_bytes, Waiting};

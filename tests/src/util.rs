@@ -83,3 +83,64 @@ pub fn spawn_from_spawner_thread(cmd: Command) -> std::io::Result<Child> {
         .expect("spawner thread is alive");
     reply_rx.recv().expect("spawner thread answers")
 }
+
+/// A command left running in the background to show that it waits (for a FUSE server that is
+/// being restarted, say) rather than failing.
+pub struct Waiting {
+    what: String,
+    thread: Option<std::thread::JoinHandle<std::process::Output>>,
+}
+
+impl Waiting {
+    /// Starts `cmd` (stdin closed, output captured); `what` names it in failures.
+    pub fn spawn(mut cmd: Command, what: &str) -> Waiting {
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        Waiting {
+            what: what.to_string(),
+            thread: Some(std::thread::spawn(move || {
+                child.wait_with_output().expect("waiting for the command")
+            })),
+        }
+    }
+
+    /// Panics (with the command's output) if it has finished within `d`.
+    pub fn assert_waits(&mut self, d: std::time::Duration) {
+        std::thread::sleep(d);
+        if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            let out = self.thread.take().and_then(|t| t.join().ok());
+            let out = out.map(|o| {
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            });
+            panic!("{} did not wait: {out:?}", self.what);
+        }
+    }
+
+    /// Its output, once it finishes; panics after `timeout`, `context()` in the message.
+    pub fn finish(
+        mut self,
+        timeout: std::time::Duration,
+        context: impl Fn() -> String,
+    ) -> std::process::Output {
+        let t = self.thread.take().expect("already finished");
+        let start = std::time::Instant::now();
+        while !t.is_finished() {
+            assert!(
+                start.elapsed() < timeout,
+                "{} still waiting after {timeout:?}:\n{}",
+                self.what,
+                context()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        t.join().expect("waiting thread")
+    }
+}

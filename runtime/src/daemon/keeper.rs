@@ -30,12 +30,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use lazypull_fetcher::Reference;
+use lazypull_fs::takeover::KernelOffer;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     accept, bind, connect, listen, recvmsg, sendmsg, socket, AddressFamily, Backlog,
     ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 use parking_lot::Mutex;
+
+use super::store::LayerRecord;
 
 /// Largest message: a key and a meta line.
 const MAX_MSG: usize = 8192;
@@ -264,6 +268,59 @@ fn serve_one(
     false
 }
 
+/// A live mount a previous daemon left with the keeper, ready to be taken over.
+pub struct Inherited {
+    /// The connection.
+    pub device: OwnedFd,
+    /// What the kernel offered in FUSE_INIT.
+    pub offer: KernelOffer,
+    /// The layer it serves and the image it was read for, so it can be reopened even when no
+    /// image or snapshot names it.
+    pub layer: Option<(Reference, LayerRecord)>,
+}
+
+/// The layer part of a keeper entry's meta.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LayerMeta {
+    reference: String,
+    layer: LayerRecord,
+}
+
+impl Inherited {
+    /// The meta stored with a mount: the offer on the first line, then the layer as JSON.
+    pub fn encode(
+        offer: KernelOffer,
+        reference: &Reference,
+        layer: Option<&LayerRecord>,
+    ) -> String {
+        let json = layer
+            .and_then(|l| {
+                serde_json::to_string(&LayerMeta {
+                    reference: reference.to_string(),
+                    layer: l.clone(),
+                })
+                .ok()
+            })
+            .unwrap_or_default();
+        format!("{}\n{json}", offer.encode())
+    }
+
+    /// The inverse of [`Inherited::encode`]; `None` without a valid offer (the layer part is
+    /// optional).
+    pub fn decode(meta: &str, device: OwnedFd) -> Option<Inherited> {
+        let (offer, json) = meta.split_once('\n').unwrap_or((meta, ""));
+        let offer = KernelOffer::decode(offer)?;
+        let layer = serde_json::from_str::<LayerMeta>(json)
+            .ok()
+            .and_then(|m| Some((m.reference.parse().ok()?, m.layer)));
+        Some(Inherited {
+            device,
+            offer,
+            layer,
+        })
+    }
+}
+
 /// One mount a keeper handed back.
 pub struct Kept {
     /// Its mount point.
@@ -400,7 +457,19 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         };
         let (r, w) = nix::unistd::pipe().unwrap();
-        k.put(Path::new("/mnt/a b"), "7.41:1", r.as_fd()).unwrap();
+        let rec = LayerRecord {
+            digest: format!("sha256:{}", "ab".repeat(32)),
+            size: 7,
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            annotations: Default::default(),
+        };
+        let reference: Reference = "127.0.0.1:5000/x/y:v1".parse().unwrap();
+        let offer = KernelOffer {
+            minor: 41,
+            capabilities: 1,
+        };
+        let meta = Inherited::encode(offer, &reference, Some(&rec));
+        k.put(Path::new("/mnt/a b"), &meta, r.as_fd()).unwrap();
         k.put(Path::new("/mnt/c"), "7.41:2", r.as_fd()).unwrap();
         drop(r);
         drop(k);
@@ -412,7 +481,7 @@ mod tests {
             keys,
             vec![PathBuf::from("/mnt/a b"), PathBuf::from("/mnt/c")]
         );
-        assert_eq!(kept[0].meta, "7.41:1");
+        assert_eq!(kept[0].meta, meta);
         nix::unistd::write(&w, b"x").unwrap();
         let mut b = [0u8; 1];
         assert_eq!(
@@ -420,6 +489,10 @@ mod tests {
             1
         );
         assert_eq!(&b, b"x");
+        let first = kept.into_iter().next().unwrap();
+        let inherited = Inherited::decode(&first.meta, first.device).unwrap();
+        assert_eq!(inherited.offer, offer);
+        assert_eq!(inherited.layer, Some((reference, rec)));
         k.forget(Path::new("/mnt/a b"));
         let kept = k.list().unwrap();
         assert_eq!(kept.len(), 1);

@@ -137,14 +137,14 @@ pub async fn acquire_all(
             ..MountOptions::default()
         };
         let inherited = state.lock().await.inherited.remove(&dir);
-        let taken = inherited.and_then(|(device, offer)| {
+        let taken = inherited.and_then(|inherited| {
             match LayerMount::take_over(
                 opened.source.layer().clone(),
                 Arc::new(opened.source.clone()),
                 &dir,
                 opts.clone(),
-                device,
-                offer,
+                inherited.device,
+                inherited.offer,
             ) {
                 Ok(m) => Some(m),
                 Err(e) => {
@@ -175,7 +175,9 @@ pub async fn acquire_all(
         };
         if let (Ok(m), Some(k)) = (&mounted, &keeper) {
             if let Some((device, offer)) = m.connection() {
-                if let Err(e) = k.put(m.mountpoint(), &offer.encode(), device) {
+                let record = layers.iter().find(|l| l.digest == desc.digest.to_string());
+                let meta = super::keeper::Inherited::encode(offer, reference, record);
+                if let Err(e) = k.put(m.mountpoint(), &meta, device) {
                     tracing::warn!(layer = %desc.digest, error = %format!("{e:#}"),
                         "the FUSE keeper does not hold this mount; a daemon restart would cut its users off");
                 }

@@ -60,16 +60,14 @@ pub struct State {
     keeper: Option<Arc<keeper::Keeper>>,
     /// Live layer mounts a killed predecessor left (by mount point), waiting for their layer
     /// to be opened again and the mount taken over.
-    inherited: HashMap<PathBuf, (std::os::fd::OwnedFd, lazypull_fs::takeover::KernelOffer)>,
+    inherited: HashMap<PathBuf, keeper::Inherited>,
 }
 
 /// How long the keeper holds the mounts of a daemon that does not come back.
 const KEEPER_GRACE: Duration = Duration::from_secs(600);
 
 /// The mounts the keeper holds that are still live, for taking over; the rest it forgets.
-fn inherit_mounts(
-    keeper: &keeper::Keeper,
-) -> HashMap<PathBuf, (std::os::fd::OwnedFd, lazypull_fs::takeover::KernelOffer)> {
+fn inherit_mounts(keeper: &keeper::Keeper) -> HashMap<PathBuf, keeper::Inherited> {
     let kept = match keeper.list() {
         Ok(k) => k,
         Err(e) => {
@@ -79,11 +77,10 @@ fn inherit_mounts(
     };
     let mut out = HashMap::new();
     for k in kept {
-        let offer = lazypull_fs::takeover::KernelOffer::decode(&k.meta);
         let live = lazypull_fs::fuse::fuse_mounted_at(&k.mountpoint).unwrap_or(false);
-        match offer {
-            Some(offer) if live => {
-                out.insert(k.mountpoint, (k.device, offer));
+        match keeper::Inherited::decode(&k.meta, k.device) {
+            Some(inherited) if live => {
+                out.insert(k.mountpoint, inherited);
             }
             _ => keeper.forget(&k.mountpoint),
         }
@@ -247,7 +244,7 @@ pub async fn serve(settings: Settings, registry: Registry, ready: impl FnOnce())
     let snapshotter = snapshots::start(&state, &settings).await?;
     // podman / CRI-O additional layer store.
     let layer_store = layer_store::start(&state, &settings)?;
-    release_unclaimed(&state).await;
+    claim_inherited(&state).await;
 
     let sock = &settings.address;
     if let Some(dir) = sock.parent() {
@@ -344,9 +341,29 @@ async fn restore(state: &Shared, old_mounts: Vec<MountRecord>) {
     }
 }
 
-/// Lets go of the inherited mounts no image or snapshot claimed: their users get ENOTCONN
-/// rather than waiting forever.
-async fn release_unclaimed(state: &Shared) {
+/// Takes over the inherited mounts no image or snapshot claimed (layers the podman store had
+/// opened: it opens layers on first lookup, so nothing else would, and a running podman
+/// container may be reading them). They stay mounted until the daemon stops, as the store's
+/// layers do. Those that cannot be opened are let go: their users get ENOTCONN rather than
+/// waiting forever.
+async fn claim_inherited(state: &Shared) {
+    let claims: Vec<(Reference, store::LayerRecord)> = state
+        .lock()
+        .await
+        .inherited
+        .values()
+        .filter_map(|i| i.layer.clone())
+        .collect();
+    for (reference, rec) in claims {
+        let (ev, _rx) = mpsc::unbounded_channel();
+        let _guard = PULL_LOCK.lock().await;
+        match layers::acquire_all(state, &reference, std::slice::from_ref(&rec), &ev).await {
+            Ok(_) => tracing::info!(layer = %rec.digest, image = %reference,
+                "kept a layer mount no image or snapshot names (a podman container's); it stays until the daemon stops"),
+            Err(e) => tracing::warn!(layer = %rec.digest, error = %format!("{e:#}"),
+                "cannot reopen a layer the previous daemon had mounted"),
+        }
+    }
     let mut st = state.lock().await;
     let left: Vec<PathBuf> = st.inherited.drain().map(|(mp, _)| mp).collect();
     for mp in left {
