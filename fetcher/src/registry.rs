@@ -376,6 +376,13 @@ impl Registry {
         .await
     }
 
+    /// Where [`Registry::download_blob`] writes `dest` while the download runs (renamed to
+    /// `dest` once verified): a reader may follow it to work on the bytes as they arrive, but
+    /// must check them against the digest itself (a retried download rewrites the file).
+    pub fn partial_download_path(dest: &Path) -> std::path::PathBuf {
+        dest.with_extension(format!("partial-{}", std::process::id()))
+    }
+
     /// Streams a blob to `dest`, verifying its digest. On any failure (including a digest
     /// mismatch) nothing is left at `dest`; the file appears only complete and verified
     /// (written to a temporary name, then renamed). `progress` is called with the bytes so far.
@@ -387,7 +394,7 @@ impl Registry {
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<u64, Error> {
         let what = format!("blob {digest}");
-        let tmp = dest.with_extension(format!("partial-{}", std::process::id()));
+        let tmp = Registry::partial_download_path(dest);
         let io = |e: std::io::Error, doing: &str| Error::Io {
             what: format!("{doing} {}", tmp.display()),
             detail: e.to_string(),

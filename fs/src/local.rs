@@ -363,6 +363,8 @@ async fn fetch_and_convert(req: &LocalRequest, dest: &Path) -> Result<(), OpenEr
     } else {
         false
     };
+    let hint = LayerCompression::from_media_type(&desc.media_type).ok();
+    let mut streamed = None;
     if reused {
         tracing::info!(layer = %layer, size = desc.size, reason = %req.reason,
             "layer has no usable TOC; converting the verified download left by an earlier run");
@@ -382,24 +384,63 @@ async fn fetch_and_convert(req: &LocalRequest, dest: &Path) -> Result<(), OpenEr
                 });
             }
         };
-        req.engine
+        // The conversion follows the download as it is written, so the two overlap instead of
+        // adding up; its input is hashed and must match the layer digest before its result is
+        // used.
+        let state = Arc::new(DownloadState::default());
+        let tail = TailReader::new(&download, Arc::clone(&state), layer);
+        let (dst, dir, progress) = (
+            dest.to_path_buf(),
+            req.local_dir.clone(),
+            req.progress.clone(),
+        );
+        let converting = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let check = tail.checker();
+            let r = convert_input(
+                Box::new(tail),
+                total,
+                &dst,
+                &dir,
+                layer,
+                hint,
+                progress.as_ref(),
+                Some(check),
+            );
+            (r, started.elapsed())
+        });
+        let downloaded = req
+            .engine
             .registry()
             .download_blob(&req.reference, &layer, &download, &report)
-            .await
-            .map_err(|source| OpenError::Fetch { layer, source })?;
+            .await;
+        state.finish(downloaded.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        let converted = converting.await;
+        downloaded.map_err(|source| OpenError::Fetch { layer, source })?;
+        match converted {
+            Ok((Ok(done), took)) => streamed = Some((done, took)),
+            Ok((Err(e), _)) => tracing::warn!(layer = %layer, error = %e,
+                "converting during the download failed; converting the verified download"),
+            Err(e) => tracing::warn!(layer = %layer, error = %e,
+                "conversion task failed; converting the verified download"),
+        }
     }
     let downloaded = started.elapsed();
 
-    let (src, dst, dir) = (download.clone(), dest.to_path_buf(), req.local_dir.clone());
-    let hint = LayerCompression::from_media_type(&desc.media_type).ok();
-    let progress = req.progress.clone();
-    let convert_started = Instant::now();
-    let converted = tokio::task::spawn_blocking(move || {
-        convert(&src, &dst, &dir, layer, hint, progress.as_ref())
-    })
-    .await
-    .map_err(|e| local_err(dest, format!("conversion task failed: {e}")))?;
-    let convert_time = convert_started.elapsed();
+    let (converted, convert_time) = match streamed {
+        Some((done, took)) => (Ok(done), took),
+        None => {
+            let (src, dst, dir) = (download.clone(), dest.to_path_buf(), req.local_dir.clone());
+            let progress = req.progress.clone();
+            let convert_started = Instant::now();
+            let converted = tokio::task::spawn_blocking(move || {
+                convert(&src, &dst, &dir, layer, hint, progress.as_ref())
+            })
+            .await
+            .map_err(|e| local_err(dest, format!("conversion task failed: {e}")))?;
+            (converted, convert_started.elapsed())
+        }
+    };
     if let Err(e) = remove_if_exists(&download) {
         tracing::warn!(layer = %layer, file = %download.display(), error = %e,
             "cannot remove the downloaded blob after conversion");
@@ -413,6 +454,7 @@ async fn fetch_and_convert(req: &LocalRequest, dest: &Path) -> Result<(), OpenEr
         local_bytes = written.blob_size,
         download_ms = downloaded.as_millis() as u64,
         convert_ms = convert_time.as_millis() as u64,
+        overlapped = !reused,
         convert_mb_per_s = format!("{:.1}", written.uncompressed_size as f64 / secs / 1e6),
         path = %dest.display(),
         "layer fetched whole and converted to a local eStargz copy"
@@ -432,6 +474,134 @@ fn hash_file(path: &Path, like: Digest) -> io::Result<Digest> {
         v.update(buf);
         let n = buf.len();
         f.consume(n);
+    }
+}
+
+/// How a download ended, for a reader following its file.
+#[derive(Debug, Default)]
+struct DownloadState {
+    ended: parking_lot::Mutex<Option<Result<(), String>>>,
+}
+
+impl DownloadState {
+    fn finish(&self, result: Result<(), String>) {
+        *self.ended.lock() = Some(result);
+    }
+
+    fn ended(&self) -> Option<Result<(), String>> {
+        self.ended.lock().clone()
+    }
+}
+
+/// Reads the blob a download is still writing (its partial file, then the final one), waiting
+/// at the end for more, and hashes every byte it returns: a retried download rewrites the
+/// file from the start, so only the hash tells whether the bytes read were the layer.
+struct TailReader {
+    inner: Arc<parking_lot::Mutex<TailInner>>,
+}
+
+struct TailInner {
+    partial: PathBuf,
+    complete: PathBuf,
+    file: Option<File>,
+    pos: u64,
+    verifier: Option<Verifier>,
+    layer: Digest,
+    state: Arc<DownloadState>,
+}
+
+/// How long a reader at the end of a running download waits before looking again.
+const TAIL_POLL: std::time::Duration = std::time::Duration::from_millis(2);
+
+impl TailReader {
+    fn new(download: &Path, state: Arc<DownloadState>, layer: Digest) -> TailReader {
+        TailReader {
+            inner: Arc::new(parking_lot::Mutex::new(TailInner {
+                partial: lazypull_fetcher::Registry::partial_download_path(download),
+                complete: download.to_path_buf(),
+                file: None,
+                pos: 0,
+                verifier: Some(Verifier::new(layer.algorithm())),
+                layer,
+                state,
+            })),
+        }
+    }
+
+    /// The check that the bytes read, read to the download's end, are the layer.
+    fn checker(&self) -> InputCheck {
+        let inner = Arc::clone(&self.inner);
+        Box::new(move || {
+            let mut t = inner.lock();
+            // Decoders may stop before trailing bytes (padding): hash those too.
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match t.try_read(&mut buf).map_err(|e| e.to_string())? {
+                    Some(0) => break,
+                    Some(_) => {}
+                    None => std::thread::sleep(TAIL_POLL),
+                }
+            }
+            let v = t.verifier.take().ok_or("input checked twice")?;
+            let actual = v.finish();
+            if actual == t.layer {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the bytes converted during the download hash to {actual}, not the layer \
+                     digest (the download was retried)"
+                ))
+            }
+        })
+    }
+}
+
+impl TailInner {
+    /// Bytes at the current position; `None` when the caller should wait and try again
+    /// (the download is still running), `Some(0)` at the end of a finished download.
+    fn try_read(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        use std::os::unix::fs::FileExt;
+        let mut seen_end = false;
+        loop {
+            if self.file.is_none() {
+                self.file = File::open(&self.partial)
+                    .or_else(|_| File::open(&self.complete))
+                    .ok();
+            }
+            if let Some(f) = &self.file {
+                let n = f.read_at(buf, self.pos)?;
+                if n > 0 {
+                    if let Some(v) = &mut self.verifier {
+                        v.update(&buf[..n]);
+                    }
+                    self.pos += n as u64;
+                    return Ok(Some(n));
+                }
+            }
+            match self.state.ended() {
+                // Ended after the read above came back empty: one more read sees any last
+                // bytes; empty again is the end.
+                Some(Ok(())) if self.file.is_some() && seen_end => return Ok(Some(0)),
+                Some(Ok(())) if self.file.is_some() => seen_end = true,
+                Some(Ok(())) => {
+                    return Err(io::Error::other("the downloaded blob disappeared"));
+                }
+                Some(Err(e)) => return Err(io::Error::other(format!("download failed: {e}"))),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+impl Read for TailReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // The lock is not held while waiting.
+            if let Some(n) = self.inner.lock().try_read(buf)? {
+                return Ok(n);
+            }
+            std::thread::sleep(TAIL_POLL);
+        }
     }
 }
 
@@ -468,6 +638,47 @@ fn convert(
     hint: Option<LayerCompression>,
     progress: Option<&ProgressFn>,
 ) -> Result<(u64, estargz::WrittenLayer), Box<OpenError>> {
+    let local_err = |doing: &str, e: io::Error| {
+        Box::new(OpenError::Local {
+            layer,
+            path: src.to_path_buf(),
+            detail: format!("{doing}: {e}"),
+        })
+    };
+    let file = File::open(src).map_err(|e| local_err("opening the download", e))?;
+    let total = file
+        .metadata()
+        .map_err(|e| local_err("reading the download's size", e))?
+        .len();
+    convert_input(
+        Box::new(file),
+        total,
+        dest,
+        dir,
+        layer,
+        hint,
+        progress,
+        None,
+    )
+}
+
+/// Checks the conversion's input before its result is put in place.
+type InputCheck = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+/// Converts the compressed layer read from `input` (from its start) into the eStargz file
+/// `dest`, as [`convert`] describes. With `check`, the result is put in place only if the
+/// check passes once the conversion is done (the input came from a download still running).
+#[allow(clippy::too_many_arguments)]
+fn convert_input(
+    mut input: Box<dyn Read + Send>,
+    total: u64,
+    dest: &Path,
+    dir: &Path,
+    layer: Digest,
+    hint: Option<LayerCompression>,
+    progress: Option<&ProgressFn>,
+    check: Option<InputCheck>,
+) -> Result<(u64, estargz::WrittenLayer), Box<OpenError>> {
     let local_err = |path: &Path, doing: &str, e: io::Error| {
         Box::new(OpenError::Local {
             layer,
@@ -475,16 +686,12 @@ fn convert(
             detail: format!("{doing}: {e}"),
         })
     };
-    let file = File::open(src).map_err(|e| local_err(src, "opening the download", e))?;
-    let total = file
-        .metadata()
-        .map_err(|e| local_err(src, "reading the download's size", e))?
-        .len();
-    let mut head = [0u8; 4];
-    let got = file
-        .read_at_least(&mut head)
-        .map_err(|e| local_err(src, "reading the download", e))?;
-    let actual = LayerCompression::sniff(&head[..got]);
+    let mut head = Vec::with_capacity(4);
+    (&mut input)
+        .take(4)
+        .read_to_end(&mut head)
+        .map_err(|e| local_err(dest, "reading the layer", e))?;
+    let actual = LayerCompression::sniff(&head);
     if hint.is_some_and(|h| h != actual) {
         tracing::warn!(layer = %layer, media_type_says = ?hint, content_is = ?actual,
             "layer content does not match its media type; decompressing by content");
@@ -501,7 +708,7 @@ fn convert(
         }) as Box<dyn Fn(u64) + Send>
     });
     let counting = Counting {
-        inner: file,
+        inner: io::Cursor::new(head).chain(input),
         done: done.clone(),
         next_report: 0,
         report,
@@ -511,10 +718,10 @@ fn convert(
         LayerCompression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
         LayerCompression::Zstd => {
             let mut d = zstd::stream::read::Decoder::with_buffer(buffered)
-                .map_err(|e| local_err(src, "starting the zstd decoder", e))?;
+                .map_err(|e| local_err(dest, "starting the zstd decoder", e))?;
             // Accept layers written with long-distance matching (`zstd --long`).
             d.window_log_max(31)
-                .map_err(|e| local_err(src, "configuring the zstd decoder", e))?;
+                .map_err(|e| local_err(dest, "configuring the zstd decoder", e))?;
             Box::new(d)
         }
         LayerCompression::None => Box::new(buffered),
@@ -535,6 +742,15 @@ fn convert(
         };
         let written = estargz::write_estargz(tar_in, &out, &opts)
             .map_err(|source| Box::new(OpenError::Convert { layer, source }))?;
+        if let Some(check) = check {
+            check().map_err(|detail| {
+                Box::new(OpenError::Local {
+                    layer,
+                    path: tmp.clone(),
+                    detail,
+                })
+            })?;
+        }
         out.sync_all()
             .map_err(|e| local_err(&tmp, "syncing to disk", e))?;
         drop(out);
@@ -557,27 +773,6 @@ fn convert(
         });
     }
     Ok((done.load(Ordering::Relaxed), written))
-}
-
-/// Reads up to `buf.len()` bytes from the start of a file (fewer only at end of file).
-trait ReadAtLeast {
-    fn read_at_least(&self, buf: &mut [u8]) -> io::Result<usize>;
-}
-
-impl ReadAtLeast for File {
-    fn read_at_least(&self, buf: &mut [u8]) -> io::Result<usize> {
-        use std::os::unix::fs::FileExt;
-        let mut got = 0;
-        while got < buf.len() {
-            match self.read_at(&mut buf[got..], got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(got)
-    }
 }
 
 /// Opens a local eStargz copy: parses its TOC from the file's tail through the same
@@ -792,6 +987,127 @@ mod tests {
             err.to_string().contains("converting the downloaded layer"),
             "{err}"
         );
+    }
+
+    /// Writes `pieces` into the partial download file of `download` with pauses (as a download
+    /// would), then renames it into place and reports the end.
+    fn fake_download(
+        download: PathBuf,
+        pieces: Vec<Vec<u8>>,
+        restart_after: Option<usize>,
+        state: Arc<DownloadState>,
+        reader: Arc<parking_lot::Mutex<TailInner>>,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let partial = lazypull_fetcher::Registry::partial_download_path(&download);
+            let mut f = File::create(&partial).unwrap();
+            let mut written = 0u64;
+            for (i, p) in pieces.iter().enumerate() {
+                std::thread::sleep(std::time::Duration::from_millis(3));
+                std::io::Write::write_all(&mut f, p).unwrap();
+                written += p.len() as u64;
+                if restart_after == Some(i) {
+                    // A retried download: once the reader has taken the first attempt's
+                    // bytes, the file starts over.
+                    // (Or gave up on them: a decoder may fail on the corrupt bytes.)
+                    let start = std::time::Instant::now();
+                    while reader.lock().pos < written
+                        && start.elapsed() < std::time::Duration::from_secs(2)
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    f = File::create(&partial).unwrap();
+                }
+            }
+            drop(f);
+            std::fs::rename(&partial, &download).unwrap();
+            state.finish(Ok(()));
+        })
+    }
+
+    #[test]
+    fn conversion_follows_a_running_download_and_checks_what_it_read() {
+        let tar = tar_of(&[("a/b", b"hello"), ("c", &[7u8; 300_000])]);
+        let gz = {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut e, &tar).unwrap();
+            e.finish().unwrap()
+        };
+        let layer = Digest::sha256_of(&gz);
+        let pieces: Vec<Vec<u8>> = gz.chunks(1000).map(<[u8]>::to_vec).collect();
+        for restart in [None, Some(pieces.len() / 2)] {
+            let dir = tempfile::tempdir().unwrap();
+            let download = dir.path().join("x.download");
+            let dest = dir.path().join("x.estargz");
+            let state = Arc::new(DownloadState::default());
+            // With a restart, the first attempt sent a corrupt first half, which the reader
+            // has taken: its hash cannot match, though the file ends up right.
+            let mut fed = pieces.clone();
+            if let Some(r) = restart {
+                fed = pieces[..=r].to_vec();
+                fed[0][100] ^= 1;
+                fed.extend(pieces.iter().cloned());
+            }
+            let tail = TailReader::new(&download, Arc::clone(&state), layer);
+            let writer = fake_download(
+                download.clone(),
+                fed,
+                restart,
+                state,
+                Arc::clone(&tail.inner),
+            );
+            let check = tail.checker();
+            let result = convert_input(
+                Box::new(tail),
+                gz.len() as u64,
+                &dest,
+                dir.path(),
+                layer,
+                Some(LayerCompression::Gzip),
+                None,
+                Some(check),
+            );
+            writer.join().unwrap();
+            match restart {
+                None => {
+                    let (read, _) = result.unwrap();
+                    assert_eq!(read, gz.len() as u64);
+                    // The same file a conversion of the finished download writes.
+                    let src = dir.path().join("whole.download");
+                    std::fs::write(&src, &gz).unwrap();
+                    let serial = dir.path().join("whole.estargz");
+                    convert(&src, &serial, dir.path(), layer, None, None).unwrap();
+                    let data = std::fs::read(&dest).unwrap();
+                    assert!(data == std::fs::read(&serial).unwrap());
+                    estargz::open_toc(&data, 0, data.len() as u64, None, &ReaderConfig::default())
+                        .unwrap();
+                }
+                Some(_) => {
+                    assert!(
+                        result.is_err(),
+                        "a restarted download's bytes were accepted"
+                    );
+                    assert!(!dest.exists(), "an unchecked conversion was put in place");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_download_fails_the_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let download = dir.path().join("y.download");
+        let state = Arc::new(DownloadState::default());
+        let mut tail = TailReader::new(&download, Arc::clone(&state), Digest::sha256_of(b"y"));
+        let t = std::thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            tail.read(&mut buf)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(!t.is_finished(), "the reader did not wait for the download");
+        state.finish(Err("registry went away".into()));
+        let err = t.join().unwrap().unwrap_err();
+        assert!(err.to_string().contains("registry went away"), "{err}");
     }
 
     #[test]

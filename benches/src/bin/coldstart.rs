@@ -67,7 +67,7 @@ const USAGE: &str = "\
 coldstart: time from starting a container to its first output line, lazypull against full
 pulls (containerd, podman), over a shaped link to a real registry.
 
-Usage: coldstart [--profile lan|wan|slow|all]... [--workload python|large|tiny|all]...
+Usage: coldstart [--profile lan|wan|slow|all]... [--workload python|compiler|large|tiny|all]...
                  [--mode NAME]... [--runs N] [--quick] [--out DIR]
 
   --profile P   network profile (default wan): lan 1 Gbit/s 1 ms RTT, wan 200 Mbit/s 20 ms,
