@@ -1028,11 +1028,7 @@ mod tests {
     #[test]
     fn conversion_follows_a_running_download_and_checks_what_it_read() {
         let tar = tar_of(&[("a/b", b"hello"), ("c", &[7u8; 300_000])]);
-        let gz = {
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            std::io::Write::write_all(&mut e, &tar).unwrap();
-            e.finish().unwrap()
-        };
+        let gz = lazypull_tests::gzip(&tar);
         let layer = Digest::sha256_of(&gz);
         let pieces: Vec<Vec<u8>> = gz.chunks(1000).map(<[u8]>::to_vec).collect();
         for restart in [None, Some(pieces.len() / 2)] {
