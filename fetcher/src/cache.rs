@@ -148,6 +148,17 @@ pub struct CacheStats {
     pub corruptions: u64,
 }
 
+/// What [`ChunkCache::lookup_in_memory`] can tell without touching the disk.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// The verified bytes, from the hot set.
+    Hot(Bytes),
+    /// Not cached: fetch it.
+    Absent,
+    /// Cached on disk only: read it with [`ChunkCache::get`].
+    OnDisk,
+}
+
 /// Content-addressed store of verified chunks with a disk budget and an in-memory hot set.
 /// Cheap to clone (shared state) and safe to use from many threads.
 #[derive(Clone)]
@@ -468,6 +479,25 @@ impl ChunkCache {
         Ok(Some(data))
     }
 
+    /// Answers from memory alone: the hot-set copy, [`Lookup::Absent`] (counted as a miss), or
+    /// [`Lookup::OnDisk`] when only [`ChunkCache::get`] (a file read) can tell. Async callers use
+    /// it to skip a trip to a blocking thread for most lookups, so the misses of one read reach
+    /// the blob reader together and their ranges merge into few requests.
+    pub fn lookup_in_memory(&self, digest: &Digest) -> Lookup {
+        let mut st = self.inner.state.lock();
+        if let Some(data) = st.hot.get(digest).cloned() {
+            st.index.promote(digest);
+            st.stats.hits += 1;
+            st.stats.memory_hits += 1;
+            return Lookup::Hot(data);
+        }
+        if st.index.contains(digest) {
+            return Lookup::OnDisk;
+        }
+        st.stats.misses += 1;
+        Lookup::Absent
+    }
+
     /// Stores a chunk after checking `data` against `digest` (a mismatch is an error and writes
     /// nothing). Storing a chunk that is already present only refreshes its recency, which is how
     /// identical chunks from different layers end up stored once. Evicts least-recently-used
@@ -711,6 +741,25 @@ mod tests {
         assert!(!cache.remove(&d).unwrap());
         assert!(!path.exists() && cache.path_of(&d).is_none());
         assert_eq!(cache.stats().used_bytes, 0);
+    }
+
+    #[test]
+    fn memory_lookup_tells_hot_absent_and_on_disk_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, data) = chunk(4, 1000);
+        let hot = ChunkCache::open(dir.path().join("hot"), cfg(1 << 20, 1 << 20)).unwrap();
+        assert!(matches!(hot.lookup_in_memory(&d), Lookup::Absent));
+        hot.put(&d, &data).unwrap();
+        match hot.lookup_in_memory(&d) {
+            Lookup::Hot(got) => assert_eq!(got, data),
+            other => panic!("expected a hot-set hit, got {other:?}"),
+        }
+        let s = hot.stats();
+        assert_eq!((s.hits, s.memory_hits, s.misses), (1, 1, 1));
+        let cold = ChunkCache::open(dir.path().join("cold"), cfg(1 << 20, 0)).unwrap();
+        cold.put(&d, &data).unwrap();
+        assert!(matches!(cold.lookup_in_memory(&d), Lookup::OnDisk));
+        assert_eq!(cold.get(&d).unwrap().unwrap(), data);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
+use lazypull_fetcher::cache::Lookup;
 use lazypull_fetcher::{BlobReader, ChunkCache, Digest, Priority};
 use tokio::sync::{watch, Semaphore};
 
@@ -374,10 +375,16 @@ impl LayerSource {
         priority: Priority,
     ) -> Result<Bytes, ChunkError> {
         let layer = self.digest();
-        let cache = self.inner.cache.clone();
-        let cached = cpu(move || cache.get(&digest))
-            .await?
-            .map_err(|e| ChunkError::Cache(e.to_string()))?;
+        let cached = match self.inner.cache.lookup_in_memory(&digest) {
+            Lookup::Hot(data) => Some(data),
+            Lookup::Absent => None,
+            Lookup::OnDisk => {
+                let cache = self.inner.cache.clone();
+                cpu(move || cache.get(&digest))
+                    .await?
+                    .map_err(|e| ChunkError::Cache(e.to_string()))?
+            }
+        };
         if let Some(data) = cached {
             self.inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(data);

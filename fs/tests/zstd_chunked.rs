@@ -1150,3 +1150,60 @@ async fn podman_partial_pull_reads_our_layers() {
         assert_eq!(a.ino(), b.ino(), "{link} is a hard link to {target}");
     }
 }
+
+/// A file cut into many small zstd:chunked chunks is read with a few requests, not one per
+/// chunk: the chunks of one read reach the blob reader together, so their ranges merge (the
+/// cold-start benchmark measured 4x eStargz's requests before).
+#[tokio::test(flavor = "multi_thread")]
+async fn many_small_chunks_of_one_read_merge_into_few_requests() {
+    let big = random_bytes(3 << 20, 77);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header(tar::EntryType::Regular, big.len() as u64, 0o644);
+    b.append_data(&mut h, "big.bin", &big[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let mut blob = Vec::new();
+    let opts = WriterOptions {
+        chunk_size: 64 << 10,
+        ..WriterOptions::default()
+    };
+    let written = write_zstd_chunked(&tar[..], &mut blob, &opts).unwrap();
+    let mut layer = Layer::new(blob)
+        .with_media_type(MEDIA_TYPE_OCI_LAYER_ZSTD)
+        .with_diff_id(written.diff_id);
+    for (k, v) in written.annotations() {
+        layer = layer.with_annotation(&k, &v);
+    }
+    let registry = TestRegistry::plain();
+    registry
+        .pusher()
+        .push_image_with(
+            "zc/small-chunks",
+            "latest",
+            &ImageSpec::new(vec![layer], "linux", "amd64"),
+        )
+        .await;
+    let proxy = CountingProxy::start(&registry.host());
+    let dirs = Dirs::new();
+    let engine = engine(&dirs.hosts);
+    let cache = dirs.cache();
+    let r = reference(&proxy.host(), "zc/small-chunks");
+    let desc = descriptors(&engine, &r).await.remove(0);
+    let opened = open(&engine, &cache, &r, &desc, &dirs.local).await.unwrap();
+    let node = opened.source.layer().resolve("big.bin").unwrap();
+    let chunks = opened.source.layer().chunks(node).len();
+    assert!(chunks >= 40, "only {chunks} chunks: the test needs many");
+    proxy.reset();
+    let got = opened
+        .source
+        .read(node, 0, big.len() as u64, Priority::OnDemand)
+        .await
+        .unwrap();
+    assert!(got == big, "wrong content");
+    let (ranged, whole) = blob_gets(&proxy, &desc.digest);
+    eprintln!("{chunks} chunks read with {ranged} range requests");
+    assert_eq!(whole, 0);
+    assert!(
+        ranged <= 3,
+        "{ranged} range requests for one read of {chunks} chunks"
+    );
+}
