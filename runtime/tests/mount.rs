@@ -438,3 +438,73 @@ async fn killed_daemon_mounts_stay_alive_and_the_next_daemon_takes_them_over() {
         lp.mounts_under_root()
     );
 }
+
+/// A keeper killed while the daemon runs is replaced at once and handed every mount again, so
+/// a daemon crash after that still leaves the mounts alive for the next daemon.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_keeper_is_replaced_and_holds_the_mounts_again() {
+    let registry = TestRegistry::plain();
+    let data = random_bytes(1 << 20, 61);
+    let tar = build_tar(vec![E::File("unread.bin", 0o644, data.clone())]);
+    push_estargz(&registry, "lazy/keeper-killed", &[&tar]).await;
+    let mnt = tempfile::tempdir().unwrap();
+    let mut lp = lazypull(&["--background-fill", "false"]);
+    let image = format!("{}/lazy/keeper-killed:v1", registry.host());
+    tokio::task::block_in_place(|| {
+        lp.mount(&image, mnt.path());
+        let first = lp.keeper_pid().expect("no FUSE keeper");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(first as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let start = Instant::now();
+        let second = loop {
+            match lp.keeper_pid() {
+                Some(pid) if pid != first => break pid,
+                _ => {}
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no new keeper 10 s after the first was killed:\n{}",
+                lp.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        eprintln!(
+            "keeper {first} killed; {second} replaced it after {:?}",
+            start.elapsed()
+        );
+        // Give the replacement the moment it needs to receive the mounts.
+        std::thread::sleep(Duration::from_millis(300));
+
+        lp.kill_daemon();
+        let p = mnt.path().join("unread.bin");
+        let waiting = std::thread::spawn(move || std::fs::read(p));
+        std::thread::sleep(Duration::from_secs(1));
+        if waiting.is_finished() {
+            panic!(
+                "read with the daemon dead did not wait (the new keeper does not hold the \
+                 mount): {:?}",
+                waiting.join().unwrap().map(|v| v.len())
+            );
+        }
+        let out = lp.cmd(&["images"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = join_within(waiting, Duration::from_secs(30), "the waiting read");
+        assert!(got.unwrap() == data, "waiting read returned wrong data");
+        let log = lp.log();
+        assert!(log.contains("starting a new one"), "{log}");
+        lp.umount(mnt.path());
+        assert!(lp.shutdown(), "daemon did not stop:\n{}", lp.log());
+    });
+    assert!(
+        lp.mounts_under_root().is_empty(),
+        "mounts left behind: {:?}",
+        lp.mounts_under_root()
+    );
+}

@@ -27,6 +27,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -331,72 +332,78 @@ pub struct Kept {
     pub device: OwnedFd,
 }
 
-/// The daemon's connection to its keeper.
+/// The daemon's connection to its keeper. It remembers what it handed over, so a keeper that
+/// dies while the daemon runs (killed by hand, an OOM kill) is replaced and given every mount
+/// again ([`Keeper::watch`]) instead of leaving the mounts unprotected until the next restart.
 pub struct Keeper {
-    sock: Mutex<OwnedFd>,
+    path: PathBuf,
+    grace: Duration,
+    conn: Mutex<Conn>,
+}
+
+/// The live connection and what the keeper at its other end holds.
+struct Conn {
+    sock: OwnedFd,
+    /// Bumped on each replacement, so a watcher acts on a hang-up only once.
+    generation: u64,
+    /// Set by [`Keeper::quit`]: the keeper's exit is expected then.
+    quitting: bool,
+    /// Mount point -> (meta, a duplicate of the connection), to hand a new keeper.
+    held: BTreeMap<PathBuf, (String, OwnedFd)>,
 }
 
 impl Keeper {
     /// Connects to the root's keeper, starting one (`exe fuse-keeper`) if none answers.
     pub fn connect_or_start(root: &Path, grace: Duration) -> Result<Keeper> {
         let path = socket_path(root);
-        if let Ok(k) = Keeper::connect(&path) {
-            return Ok(k);
-        }
-        let exe = std::env::current_exe().context("finding the lazypull executable")?;
-        let mut child = std::process::Command::new(exe);
-        child
-            .arg("fuse-keeper")
-            .arg("--socket")
-            .arg(&path)
-            .arg("--grace")
-            .arg(grace.as_secs().to_string())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            // Its own process group: it must outlive the daemon, also a daemon killed with
-            // its group.
-            .process_group(0);
-        let mut child = child.spawn().context("starting the FUSE keeper")?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(k) = Keeper::connect(&path) {
-                // Reap it when it exits while the daemon still runs.
-                std::thread::spawn(move || {
-                    let _ = child.wait();
-                });
-                return Ok(k);
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                bail!("the FUSE keeper exited at start ({status})");
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!(
-                    "the FUSE keeper did not open {} within 10 s",
-                    path.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let sock = connect_or_spawn(&path, grace)?;
+        Ok(Keeper::with_socket(path, grace, sock))
+    }
+
+    fn with_socket(path: PathBuf, grace: Duration, sock: OwnedFd) -> Keeper {
+        Keeper {
+            path,
+            grace,
+            conn: Mutex::new(Conn {
+                sock,
+                generation: 0,
+                quitting: false,
+                held: BTreeMap::new(),
+            }),
         }
     }
 
+    /// Connects to a running keeper only (tests run one in a thread).
+    #[cfg(test)]
     fn connect(path: &Path) -> Result<Keeper> {
-        let sock = seqpacket()?;
-        connect(sock.as_raw_fd(), &UnixAddr::new(path)?)?;
-        Ok(Keeper {
-            sock: Mutex::new(sock),
-        })
+        let sock = connect_to(path)?;
+        Ok(Keeper::with_socket(
+            path.to_path_buf(),
+            Duration::from_secs(60),
+            sock,
+        ))
+    }
+
+    /// Watches the connection from a thread of its own and replaces a keeper that went away
+    /// (its socket hung up) at once, rather than at the next mount, which may never come. The
+    /// thread ends with the last `Arc` of the keeper or after [`Keeper::quit`].
+    pub fn watch(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("keeper-watch".into())
+            .spawn(move || watch(weak))
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing::warn!(error = %e, "cannot watch the FUSE keeper"));
     }
 
     /// Every mount the keeper holds (it keeps holding them).
     pub fn list(&self) -> Result<Vec<Kept>> {
-        let sock = self.sock.lock();
-        send(sock.as_fd(), "LIST", None).context("asking the FUSE keeper")?;
+        let conn = self.conn.lock();
+        let sock = conn.sock.as_fd();
+        send(sock, "LIST", None).context("asking the FUSE keeper")?;
         let mut out = Vec::new();
         loop {
-            let Some((msg, mut fds)) =
-                recv(sock.as_fd()).context("reading from the FUSE keeper")?
-            else {
+            let Some((msg, mut fds)) = recv(sock).context("reading from the FUSE keeper")? else {
                 bail!("the FUSE keeper closed the connection");
             };
             if msg == "END" {
@@ -415,25 +422,163 @@ impl Keeper {
         }
     }
 
-    /// Hands the keeper a duplicate of a mount's connection.
+    /// Hands the keeper a duplicate of a mount's connection; if the keeper is gone, starts a new
+    /// one and hands it every mount.
     pub fn put(&self, mountpoint: &Path, meta: &str, device: BorrowedFd<'_>) -> Result<()> {
-        let msg = format!("PUT\n{}\n{meta}", mountpoint.display());
-        send(self.sock.lock().as_fd(), &msg, Some(device))
+        let dup = device
+            .try_clone_to_owned()
+            .context("duplicating a FUSE connection for the keeper")?;
+        let mut conn = self.conn.lock();
+        conn.held
+            .insert(mountpoint.to_path_buf(), (meta.to_string(), dup));
+        let (_, dup) = &conn.held[mountpoint];
+        if send(
+            conn.sock.as_fd(),
+            &put_message(mountpoint, meta),
+            Some(dup.as_fd()),
+        )
+        .is_ok()
+        {
+            return Ok(());
+        }
+        self.replace(&mut conn)
             .context("handing a mount to the FUSE keeper")
     }
 
     /// Tells the keeper a mount is gone.
     pub fn forget(&self, mountpoint: &Path) {
+        let mut conn = self.conn.lock();
+        conn.held.remove(mountpoint);
         let msg = format!("DROP\n{}", mountpoint.display());
-        if let Err(e) = send(self.sock.lock().as_fd(), &msg, None) {
+        if let Err(e) = send(conn.sock.as_fd(), &msg, None) {
             tracing::debug!(error = %e, "telling the FUSE keeper a mount went");
         }
     }
 
     /// Stops the keeper (the daemon stops cleanly, its mounts are gone).
     pub fn quit(&self) {
-        let _ = send(self.sock.lock().as_fd(), "QUIT", None);
+        let mut conn = self.conn.lock();
+        conn.quitting = true;
+        conn.held.clear();
+        let _ = send(conn.sock.as_fd(), "QUIT", None);
     }
+
+    /// Starts a new keeper in place of a dead one and hands it every held mount.
+    fn replace(&self, conn: &mut Conn) -> Result<()> {
+        tracing::warn!(
+            mounts = conn.held.len(),
+            "the FUSE keeper went away; starting a new one"
+        );
+        conn.sock = connect_or_spawn(&self.path, self.grace)?;
+        conn.generation += 1;
+        for (mountpoint, (meta, dup)) in &conn.held {
+            send(
+                conn.sock.as_fd(),
+                &put_message(mountpoint, meta),
+                Some(dup.as_fd()),
+            )
+            .with_context(|| format!("handing {} to the new FUSE keeper", mountpoint.display()))?;
+        }
+        tracing::info!(
+            mounts = conn.held.len(),
+            "a new FUSE keeper holds the mounts"
+        );
+        Ok(())
+    }
+}
+
+fn put_message(mountpoint: &Path, meta: &str) -> String {
+    format!("PUT\n{}\n{meta}", mountpoint.display())
+}
+
+/// The watcher thread's loop (see [`Keeper::watch`]).
+fn watch(keeper: std::sync::Weak<Keeper>) {
+    loop {
+        let (generation, sock) = {
+            let Some(k) = keeper.upgrade() else { return };
+            let conn = k.conn.lock();
+            if conn.quitting {
+                return;
+            }
+            match conn.sock.try_clone() {
+                Ok(sock) => (conn.generation, sock),
+                Err(_) => return,
+            }
+        };
+        // Only hang-ups (always reported; a peer's close sets POLLHUP on a seqpacket socket):
+        // POLLIN would also fire for LIST answers meant for the daemon.
+        let mut fds = [PollFd::new(sock.as_fd(), PollFlags::empty())];
+        let hung_up = match poll(&mut fds, PollTimeout::from(1000u16)) {
+            Ok(_) => fds[0]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+            Err(_) => false,
+        };
+        if !hung_up {
+            continue;
+        }
+        let Some(k) = keeper.upgrade() else { return };
+        let mut conn = k.conn.lock();
+        if conn.quitting {
+            return;
+        }
+        if conn.generation == generation {
+            if let Err(e) = k.replace(&mut conn) {
+                tracing::warn!(error = %format!("{e:#}"),
+                    "cannot replace the FUSE keeper; retrying in 1 s");
+                drop(conn);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Connects to the keeper at `path`, starting one if none answers.
+fn connect_or_spawn(path: &Path, grace: Duration) -> Result<OwnedFd> {
+    if let Ok(sock) = connect_to(path) {
+        return Ok(sock);
+    }
+    let exe = std::env::current_exe().context("finding the lazypull executable")?;
+    let mut child = std::process::Command::new(exe);
+    child
+        .arg("fuse-keeper")
+        .arg("--socket")
+        .arg(path)
+        .arg("--grace")
+        .arg(grace.as_secs().to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        // Its own process group: it must outlive the daemon, also a daemon killed with its
+        // group.
+        .process_group(0);
+    let mut child = child.spawn().context("starting the FUSE keeper")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(sock) = connect_to(path) {
+            // Reap it when it exits while the daemon still runs.
+            std::thread::spawn(move || {
+                let _ = child.wait();
+            });
+            return Ok(sock);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("the FUSE keeper exited at start ({status})");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!(
+                "the FUSE keeper did not open {} within 10 s",
+                path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn connect_to(path: &Path) -> Result<OwnedFd> {
+    let sock = seqpacket()?;
+    connect(sock.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(sock)
 }
 
 #[cfg(test)]

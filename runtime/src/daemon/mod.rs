@@ -177,7 +177,11 @@ pub async fn serve(settings: Settings, registry: Registry, ready: impl FnOnce())
             .with_context(|| format!("creating {}", root.join(d).display()))?;
     }
     let keeper = match keeper::Keeper::connect_or_start(&root, KEEPER_GRACE) {
-        Ok(k) => Some(Arc::new(k)),
+        Ok(k) => {
+            let k = Arc::new(k);
+            k.watch();
+            Some(k)
+        }
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"),
                 "no FUSE keeper: if this daemon dies, running containers lose their unread files");
