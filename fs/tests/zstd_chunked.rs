@@ -382,6 +382,30 @@ fn oci_layout(dir: &Path, tar: &[u8]) {
 }
 
 // ---------------------------------------------------------------------------------------------
+/// The registry layer of a zstd:chunked blob, with the writer's annotations (as podman pushes
+/// it).
+fn annotated_layer(blob: Vec<u8>, written: &zstd_chunked::WrittenLayer) -> Layer {
+    let mut layer = Layer::new(blob)
+        .with_media_type(MEDIA_TYPE_OCI_LAYER_ZSTD)
+        .with_diff_id(written.diff_id);
+    for (k, v) in written.annotations() {
+        layer = layer.with_annotation(&k, &v);
+    }
+    layer
+}
+
+/// Pushes a one-layer linux/amd64 image as `repo:latest`.
+async fn push_single(registry: &TestRegistry, repo: &str, layer: Layer) {
+    registry
+        .pusher()
+        .push_image_with(
+            repo,
+            "latest",
+            &ImageSpec::new(vec![layer], "linux", "amd64"),
+        )
+        .await;
+}
+
 // Tests
 
 /// lazypull's writer: the layer opens lazily with one range request (annotations) or two (the
@@ -401,21 +425,9 @@ async fn our_writer_opens_lazily_and_restarts_without_the_registry() {
         tar.len() as f64 / took.as_secs_f64() / 1e6
     );
     assert_eq!(written.diff_id, Digest::sha256_of(&tar));
-    let mut layer = Layer::new(blob.clone())
-        .with_media_type(MEDIA_TYPE_OCI_LAYER_ZSTD)
-        .with_diff_id(written.diff_id);
-    for (k, v) in written.annotations() {
-        layer = layer.with_annotation(&k, &v);
-    }
+    let layer = annotated_layer(blob.clone(), &written);
     let mut registry = TestRegistry::plain();
-    registry
-        .pusher()
-        .push_image_with(
-            "zc/ours",
-            "latest",
-            &ImageSpec::new(vec![layer], "linux", "amd64"),
-        )
-        .await;
+    push_single(&registry, "zc/ours", layer).await;
     let proxy = CountingProxy::start(&registry.host());
     let dirs = Dirs::new();
     let engine = engine(&dirs.hosts);
@@ -1073,21 +1085,9 @@ async fn podman_partial_pull_reads_our_layers() {
     let (tar, exp) = test_tar();
     let mut blob = Vec::new();
     let written = write_zstd_chunked(&tar[..], &mut blob, &WriterOptions::default()).unwrap();
-    let mut layer = Layer::new(blob)
-        .with_media_type(MEDIA_TYPE_OCI_LAYER_ZSTD)
-        .with_diff_id(written.diff_id);
-    for (k, v) in written.annotations() {
-        layer = layer.with_annotation(&k, &v);
-    }
+    let layer = annotated_layer(blob, &written);
     let registry = TestRegistry::plain();
-    registry
-        .pusher()
-        .push_image_with(
-            "zc/podman",
-            "latest",
-            &ImageSpec::new(vec![layer], "linux", "amd64"),
-        )
-        .await;
+    push_single(&registry, "zc/podman", layer).await;
     let proxy = CountingProxy::start(&registry.host());
     let image = format!("{}/zc/podman:latest", proxy.host());
     let podman = Podman::new();
@@ -1167,21 +1167,9 @@ async fn many_small_chunks_of_one_read_merge_into_few_requests() {
         ..WriterOptions::default()
     };
     let written = write_zstd_chunked(&tar[..], &mut blob, &opts).unwrap();
-    let mut layer = Layer::new(blob)
-        .with_media_type(MEDIA_TYPE_OCI_LAYER_ZSTD)
-        .with_diff_id(written.diff_id);
-    for (k, v) in written.annotations() {
-        layer = layer.with_annotation(&k, &v);
-    }
+    let layer = annotated_layer(blob, &written);
     let registry = TestRegistry::plain();
-    registry
-        .pusher()
-        .push_image_with(
-            "zc/small-chunks",
-            "latest",
-            &ImageSpec::new(vec![layer], "linux", "amd64"),
-        )
-        .await;
+    push_single(&registry, "zc/small-chunks", layer).await;
     let proxy = CountingProxy::start(&registry.host());
     let dirs = Dirs::new();
     let engine = engine(&dirs.hosts);
