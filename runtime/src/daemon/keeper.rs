@@ -35,15 +35,19 @@ use lazypull_fetcher::Reference;
 use lazypull_fs::takeover::KernelOffer;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
-    accept, bind, connect, listen, recvmsg, sendmsg, socket, AddressFamily, Backlog,
-    ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+    accept, bind, connect, listen, recvmsg, sendmsg, setsockopt, socket, sockopt, AddressFamily,
+    Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
 };
+use nix::sys::time::TimeVal;
 use parking_lot::Mutex;
 
 use super::store::LayerRecord;
 
-/// Largest message: a key and a meta line.
-const MAX_MSG: usize = 8192;
+/// Largest message: a key and a meta line (the layer's annotations can be long).
+const MAX_MSG: usize = 64 << 10;
+/// Longest a send or receive on a keeper socket may block: a stopped or frozen peer must not
+/// hang the daemon (or the keeper).
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a keeper waits for its first daemon.
 const FIRST_CONTACT: Duration = Duration::from_secs(30);
 
@@ -94,6 +98,9 @@ fn recv(sock: BorrowedFd<'_>) -> nix::Result<Option<(String, Vec<OwnedFd>)>> {
         if let ControlMessageOwned::ScmRights(raw) = c {
             fds.extend(raw.into_iter().map(owned));
         }
+    }
+    if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+        return Err(nix::errno::Errno::EMSGSIZE);
     }
     let n = msg.bytes;
     if n == 0 && fds.is_empty() {
@@ -197,7 +204,11 @@ pub fn run(socket: &Path, grace: Duration) -> Result<()> {
         if ready[0] {
             match accept(listener.as_raw_fd()) {
                 Ok(fd) => {
-                    clients.push(owned(fd));
+                    let client = owned(fd);
+                    if let Err(e) = set_timeouts(&client) {
+                        tracing::warn!(error = %e, "keeper: socket timeouts");
+                    }
+                    clients.push(client);
                     ever_connected = true;
                 }
                 Err(e) => tracing::warn!(error = %e, "keeper accept"),
@@ -348,6 +359,8 @@ struct Conn {
     generation: u64,
     /// Set by [`Keeper::quit`]: the keeper's exit is expected then.
     quitting: bool,
+    /// Some mount could not be handed to the current keeper; the watcher tries again.
+    incomplete: bool,
     /// Mount point -> (meta, a duplicate of the connection), to hand a new keeper.
     held: BTreeMap<PathBuf, (String, OwnedFd)>,
 }
@@ -368,6 +381,7 @@ impl Keeper {
                 sock,
                 generation: 0,
                 quitting: false,
+                incomplete: false,
                 held: BTreeMap::new(),
             }),
         }
@@ -425,23 +439,27 @@ impl Keeper {
     /// Hands the keeper a duplicate of a mount's connection; if the keeper is gone, starts a new
     /// one and hands it every mount.
     pub fn put(&self, mountpoint: &Path, meta: &str, device: BorrowedFd<'_>) -> Result<()> {
+        let msg = put_message(mountpoint, meta);
+        if msg.len() > MAX_MSG {
+            bail!(
+                "the mount's description ({} bytes) is longer than the FUSE keeper takes ({MAX_MSG})",
+                msg.len()
+            );
+        }
         let dup = device
             .try_clone_to_owned()
             .context("duplicating a FUSE connection for the keeper")?;
-        let mut conn = self.conn.lock();
-        conn.held
-            .insert(mountpoint.to_path_buf(), (meta.to_string(), dup));
-        let (_, dup) = &conn.held[mountpoint];
-        if send(
-            conn.sock.as_fd(),
-            &put_message(mountpoint, meta),
-            Some(dup.as_fd()),
-        )
-        .is_ok()
-        {
-            return Ok(());
-        }
-        self.replace(&mut conn)
+        let generation = {
+            let mut conn = self.conn.lock();
+            conn.held
+                .insert(mountpoint.to_path_buf(), (meta.to_string(), dup));
+            let (_, dup) = &conn.held[mountpoint];
+            if send(conn.sock.as_fd(), &msg, Some(dup.as_fd())).is_ok() {
+                return Ok(());
+            }
+            conn.generation
+        };
+        self.replace(generation)
             .context("handing a mount to the FUSE keeper")
     }
 
@@ -463,27 +481,58 @@ impl Keeper {
         let _ = send(conn.sock.as_fd(), "QUIT", None);
     }
 
-    /// Starts a new keeper in place of a dead one and hands it every held mount.
-    fn replace(&self, conn: &mut Conn) -> Result<()> {
+    /// Starts a new keeper in place of the one of `generation` (gone) and hands it every held
+    /// mount. Reaching the new keeper can take seconds, so it happens without the lock; if
+    /// someone else replaced it meanwhile, there is nothing left to do.
+    fn replace(&self, generation: u64) -> Result<()> {
+        let held = self.conn.lock().held.len();
         tracing::warn!(
-            mounts = conn.held.len(),
+            mounts = held,
             "the FUSE keeper went away; starting a new one"
         );
-        conn.sock = connect_or_spawn(&self.path, self.grace)?;
-        conn.generation += 1;
-        for (mountpoint, (meta, dup)) in &conn.held {
-            send(
-                conn.sock.as_fd(),
-                &put_message(mountpoint, meta),
-                Some(dup.as_fd()),
-            )
-            .with_context(|| format!("handing {} to the new FUSE keeper", mountpoint.display()))?;
+        let sock = connect_or_spawn(&self.path, self.grace)?;
+        let mut conn = self.conn.lock();
+        if conn.quitting || conn.generation != generation {
+            return Ok(());
         }
+        conn.sock = sock;
+        conn.generation += 1;
+        hand_over_all(&mut conn)?;
         tracing::info!(
             mounts = conn.held.len(),
             "a new FUSE keeper holds the mounts"
         );
         Ok(())
+    }
+}
+
+/// Sends every held mount to the current keeper (PUT replaces, so repeating one is harmless);
+/// on failure the connection is marked incomplete for the watcher to try again.
+fn hand_over_all(conn: &mut Conn) -> Result<()> {
+    let mut failed = Vec::new();
+    for (mountpoint, (meta, dup)) in &conn.held {
+        if let Err(e) = send(
+            conn.sock.as_fd(),
+            &put_message(mountpoint, meta),
+            Some(dup.as_fd()),
+        ) {
+            failed.push(format!("{}: {e}", mountpoint.display()));
+            if e == nix::errno::Errno::EAGAIN {
+                // Timed out: the keeper is stuck; do not hold the lock for every mount.
+                break;
+            }
+        }
+    }
+    conn.incomplete = !failed.is_empty();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "{} of {} mounts not handed to the FUSE keeper ({})",
+            failed.len(),
+            conn.held.len(),
+            failed.join("; ")
+        )
     }
 }
 
@@ -514,21 +563,20 @@ fn watch(keeper: std::sync::Weak<Keeper>) {
                 .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
             Err(_) => false,
         };
+        let Some(k) = keeper.upgrade() else { return };
         if !hung_up {
+            let mut conn = k.conn.lock();
+            if conn.incomplete && !conn.quitting && conn.generation == generation {
+                if let Err(e) = hand_over_all(&mut conn) {
+                    tracing::warn!(error = %format!("{e:#}"), "retrying in 1 s");
+                }
+            }
             continue;
         }
-        let Some(k) = keeper.upgrade() else { return };
-        let mut conn = k.conn.lock();
-        if conn.quitting {
-            return;
-        }
-        if conn.generation == generation {
-            if let Err(e) = k.replace(&mut conn) {
-                tracing::warn!(error = %format!("{e:#}"),
-                    "cannot replace the FUSE keeper; retrying in 1 s");
-                drop(conn);
-                std::thread::sleep(Duration::from_secs(1));
-            }
+        if let Err(e) = k.replace(generation) {
+            tracing::warn!(error = %format!("{e:#}"),
+                "cannot replace the FUSE keeper; retrying in 1 s");
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
 }
@@ -566,6 +614,7 @@ fn connect_or_spawn(path: &Path, grace: Duration) -> Result<OwnedFd> {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
+            let _ = child.wait();
             bail!(
                 "the FUSE keeper did not open {} within 10 s",
                 path.display()
@@ -578,7 +627,14 @@ fn connect_or_spawn(path: &Path, grace: Duration) -> Result<OwnedFd> {
 fn connect_to(path: &Path) -> Result<OwnedFd> {
     let sock = seqpacket()?;
     connect(sock.as_raw_fd(), &UnixAddr::new(path)?)?;
+    set_timeouts(&sock)?;
     Ok(sock)
+}
+
+fn set_timeouts(sock: &OwnedFd) -> nix::Result<()> {
+    let t = TimeVal::new(IO_TIMEOUT.as_secs() as _, 0);
+    setsockopt(sock, sockopt::SendTimeout, &t)?;
+    setsockopt(sock, sockopt::ReceiveTimeout, &t)
 }
 
 #[cfg(test)]
@@ -616,6 +672,11 @@ mod tests {
         let meta = Inherited::encode(offer, &reference, Some(&rec));
         k.put(Path::new("/mnt/a b"), &meta, r.as_fd()).unwrap();
         k.put(Path::new("/mnt/c"), "7.41:2", r.as_fd()).unwrap();
+        // Too long for one message: refused with a reason, not cut short.
+        let err = k
+            .put(Path::new("/mnt/big"), &"x".repeat(MAX_MSG), r.as_fd())
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("longer than"), "{err:#}");
         drop(r);
         drop(k);
         // A new daemon finds both; the descriptor is the same pipe.
