@@ -1470,6 +1470,10 @@ impl LayerMount {
         let _ = device_slot.set(session.as_fd().try_clone_to_owned().map_err(mount_err)?);
         match crate::takeover::resend_unanswered(session.as_fd()) {
             Ok(()) => {}
+            // Aborted (e.g. through /sys/fs/fuse/connections): listed, but nothing to serve.
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => {
+                return Err(FuseError::NotLive(mountpoint.to_path_buf()))
+            }
             Err(e) => warn!(mountpoint = %mountpoint.display(), error = %e,
                 "kernel cannot resend requests the killed daemon had taken; those wait until the mount goes"),
         }

@@ -28,7 +28,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
@@ -167,20 +167,31 @@ impl OpenJournal {
     /// Opens (creating) the journal at `path` and returns the handles it records as open,
     /// leaving the file rewritten to hold exactly those.
     pub fn open(path: &Path) -> io::Result<(OpenJournal, BTreeMap<u64, JournalHandle>)> {
-        let mut file = OpenOptions::new()
-            .read(true)
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let open = replay(&bytes);
+        // Rewritten beside and renamed over: a kill halfway leaves the old records, never
+        // none (the next daemon needs the backing ids).
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".new");
+        let tmp = std::path::PathBuf::from(tmp);
+        let file = OpenOptions::new()
             .append(true)
             .create(true)
             .truncate(false)
-            .open(path)?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        let open = replay(&bytes);
+            .open(&tmp)?;
         file.set_len(0)?;
         let mut journal = OpenJournal { file: Some(file) };
         for (fh, h) in &open {
             journal.opened(*fh, h.node, h.backing);
         }
+        if journal.file.is_none() {
+            return Err(io::Error::other("cannot rewrite the open-file journal"));
+        }
+        std::fs::rename(&tmp, path)?;
         Ok((journal, open))
     }
 

@@ -119,6 +119,8 @@ pub async fn acquire_all(
     }))
     .await;
     let mut new_entries = Vec::new();
+    // Layers this call mounted anew: the ones to drop again if the image fails.
+    let mut fresh = std::collections::HashSet::new();
     let mut failure = None;
     for (desc, opened) in missing.iter().zip(opened) {
         let opened = match opened {
@@ -158,6 +160,7 @@ pub async fn acquire_all(
                 }
             }
         });
+        let took_over = taken.is_some();
         let mounted = match taken {
             Some(m) => Ok(m),
             None => std::fs::create_dir_all(&dir)
@@ -219,6 +222,9 @@ pub async fn acquire_all(
                     },
                     settings.background_fill && !local,
                 );
+                if !took_over {
+                    fresh.insert(desc.digest);
+                }
                 new_entries.push((
                     desc.digest,
                     LayerEntry {
@@ -244,11 +250,12 @@ pub async fn acquire_all(
         st.layers.insert(d, e);
     }
     if let Some(e) = failure {
-        // Layers mounted for this image alone go again.
+        // Layers this call mounted for this image alone go again. Taken-over mounts stay:
+        // running containers use them, and dropping one would end the keeper's hold on it.
         let orphans: Vec<Digest> = st
             .layers
             .iter()
-            .filter(|(_, l)| l.refs == 0)
+            .filter(|(d, l)| l.refs == 0 && fresh.contains(*d))
             .map(|(d, _)| *d)
             .collect();
         for d in orphans {
