@@ -431,6 +431,9 @@ async fn killed_daemon_mounts_stay_alive_and_the_next_daemon_takes_them_over() {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Its exit on QUIT must not look like a death that needs a replacement.
+        let log = lp.log();
+        assert!(!log.contains("keeper went away"), "{log}");
     });
     assert!(
         lp.mounts_under_root().is_empty(),

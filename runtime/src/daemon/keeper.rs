@@ -485,7 +485,15 @@ impl Keeper {
     /// mount. Reaching the new keeper can take seconds, so it happens without the lock; if
     /// someone else replaced it meanwhile, there is nothing left to do.
     fn replace(&self, generation: u64) -> Result<()> {
-        let held = self.conn.lock().held.len();
+        let held = {
+            let conn = self.conn.lock();
+            // A hang-up after QUIT is the keeper doing as told (quit sets the flag before it
+            // sends QUIT, under this lock): starting another would leave one behind.
+            if conn.quitting || conn.generation != generation {
+                return Ok(());
+            }
+            conn.held.len()
+        };
         tracing::warn!(
             mounts = held,
             "the FUSE keeper went away; starting a new one"
