@@ -81,8 +81,14 @@ impl Drop for Podman {
         let _ = self.cmd(&["rm", "-af"]);
         let _ = self.cmd(&["rmi", "-af"]);
         let _ = self.cmd(&["system", "reset", "-f"]);
-        // Whatever overlay mounts podman left under its root.
         let root = self.dir.path().to_string_lossy().into_owned();
+        // A container podman failed to remove: its conmon names our root; it goes with
+        // everything it started.
+        let killed = crate::util::kill_trees_mentioning(&root);
+        if killed > 0 {
+            eprintln!("podman left {killed} processes behind; killed them");
+        }
+        // Whatever overlay mounts podman left under its root.
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let mut points: Vec<&str> = mounts
             .lines()

@@ -48,6 +48,51 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// SIGKILLs every process whose command line contains `needle`, and all their descendants:
+/// the last resort of a harness whose tool (podman's conmon, a shim) left a process behind.
+/// Returns how many it killed.
+pub fn kill_trees_mentioning(needle: &str) -> usize {
+    let me = std::process::id();
+    let mut parent_of = Vec::new();
+    let mut roots = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let ppid = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                let (_, rest) = s.rsplit_once(')')?;
+                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+            });
+        if let Some(ppid) = ppid {
+            parent_of.push((pid, ppid));
+        }
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if pid != me && String::from_utf8_lossy(&cmdline).contains(needle) {
+            roots.push(pid);
+        }
+    }
+    let mut doomed = roots;
+    let mut i = 0;
+    while i < doomed.len() {
+        let p = doomed[i];
+        for &(child, parent) in &parent_of {
+            if parent == p && child != me && !doomed.contains(&child) {
+                doomed.push(child);
+            }
+        }
+        i += 1;
+    }
+    for &pid in &doomed {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    doomed.len()
+}
+
 /// `name` found in a directory of `PATH`.
 pub fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
