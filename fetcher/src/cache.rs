@@ -209,6 +209,16 @@ impl State {
         self.used += size;
     }
 
+    /// The hot-set copy of a chunk, counted as a memory hit and made most recent in both the
+    /// hot set and the index.
+    fn hot_hit(&mut self, digest: &Digest) -> Option<Bytes> {
+        let data = self.hot.get(digest).cloned()?;
+        self.index.promote(digest);
+        self.stats.hits += 1;
+        self.stats.memory_hits += 1;
+        Some(data)
+    }
+
     /// Marks a chunk as just used; true if present.
     fn touch(&mut self, digest: &Digest) -> bool {
         let present = self.index.get(digest).is_some();
@@ -430,10 +440,7 @@ impl ChunkCache {
         let inner = &*self.inner;
         let generation = {
             let mut st = inner.state.lock();
-            if let Some(data) = st.hot.get(digest).cloned() {
-                st.index.promote(digest);
-                st.stats.hits += 1;
-                st.stats.memory_hits += 1;
+            if let Some(data) = st.hot_hit(digest) {
                 return Ok(Some(data));
             }
             match st.index.get(digest) {
@@ -485,10 +492,7 @@ impl ChunkCache {
     /// the blob reader together and their ranges merge into few requests.
     pub fn lookup_in_memory(&self, digest: &Digest) -> Lookup {
         let mut st = self.inner.state.lock();
-        if let Some(data) = st.hot.get(digest).cloned() {
-            st.index.promote(digest);
-            st.stats.hits += 1;
-            st.stats.memory_hits += 1;
+        if let Some(data) = st.hot_hit(digest) {
             return Lookup::Hot(data);
         }
         if st.index.contains(digest) {
