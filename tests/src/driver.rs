@@ -134,14 +134,10 @@ impl Lazypull {
     }
 
     fn find_process(&self, matches: impl Fn(&[&[u8]]) -> bool) -> Option<u32> {
-        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            matches(&args)
-                .then_some(pid)
-                .filter(|pid| crate::pid_alive(*pid))
-        })
+        crate::util::processes()
+            .into_iter()
+            .find(|p| !p.zombie && matches(&p.args()))
+            .map(|p| p.pid)
     }
 
     /// The daemon's `(VmRSS, RssAnon)` in bytes (zeros when it is not running).

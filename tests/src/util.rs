@@ -38,14 +38,56 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
 
 /// Tells whether `pid` names a live (not zombie) process, from `/proc/<pid>/stat`.
 pub fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name: "123 (name) S ...".
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-            .unwrap_or(false),
-        Err(_) => false,
+    stat_after_name(pid).is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+}
+
+/// What follows the parenthesised command name in `/proc/<pid>/stat` ("123 (name) S 1 ..."):
+/// the state, then the parent's PID.
+fn stat_after_name(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat.rsplit_once(')')?.1.to_string())
+}
+
+/// A process as `/proc` shows it, for harnesses that find or clean up what tools started.
+pub struct Proc {
+    /// Its PID.
+    pub pid: u32,
+    /// Its parent's PID.
+    pub ppid: u32,
+    /// Exited but not reaped.
+    pub zombie: bool,
+    /// `/proc/<pid>/cmdline`: the arguments, NUL-separated.
+    pub cmdline: Vec<u8>,
+}
+
+impl Proc {
+    /// The command line split into its arguments.
+    pub fn args(&self) -> Vec<&[u8]> {
+        self.cmdline.split(|b| *b == 0).collect()
     }
+}
+
+/// Every process that could be read from `/proc` now.
+pub fn processes() -> Vec<Proc> {
+    let pids = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
+    pids.filter_map(|pid| {
+        let rest = stat_after_name(pid)?;
+        let mut fields = rest.split_whitespace();
+        let zombie = fields.next()? == "Z";
+        let ppid = fields.next()?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        Some(Proc {
+            pid,
+            ppid,
+            zombie,
+            cmdline,
+        })
+    })
+    .collect()
 }
 
 /// SIGKILLs every process whose command line contains `needle`, and all their descendants:
@@ -53,33 +95,18 @@ pub fn pid_alive(pid: u32) -> bool {
 /// Returns how many it killed.
 pub fn kill_trees_mentioning(needle: &str) -> usize {
     let me = std::process::id();
-    let mut parent_of = Vec::new();
-    let mut roots = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let ppid = std::fs::read_to_string(e.path().join("stat"))
-            .ok()
-            .and_then(|s| {
-                let (_, rest) = s.rsplit_once(')')?;
-                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-            });
-        if let Some(ppid) = ppid {
-            parent_of.push((pid, ppid));
-        }
-        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        if pid != me && String::from_utf8_lossy(&cmdline).contains(needle) {
-            roots.push(pid);
-        }
-    }
-    let mut doomed = roots;
+    let procs = processes();
+    let mut doomed: Vec<u32> = procs
+        .iter()
+        .filter(|p| p.pid != me && String::from_utf8_lossy(&p.cmdline).contains(needle))
+        .map(|p| p.pid)
+        .collect();
     let mut i = 0;
     while i < doomed.len() {
         let p = doomed[i];
-        for &(child, parent) in &parent_of {
-            if parent == p && child != me && !doomed.contains(&child) {
-                doomed.push(child);
+        for c in &procs {
+            if c.ppid == p && c.pid != me && !doomed.contains(&c.pid) {
+                doomed.push(c.pid);
             }
         }
         i += 1;
