@@ -634,6 +634,12 @@ impl ChunkCache {
         self.inner.state.lock().index.contains(digest)
     }
 
+    /// Size of a cached chunk, if present. A digest names one content, so a caller that
+    /// expects another size holds an inconsistent description and must not use the chunk.
+    pub fn size_of(&self, digest: &Digest) -> Option<u64> {
+        self.inner.state.lock().index.peek(digest).map(|e| e.size)
+    }
+
     /// Deletes a chunk; returns whether it was present. For explicit pruning and for callers
     /// that found a chunk unusable.
     pub fn remove(&self, digest: &Digest) -> Result<bool, CacheError> {

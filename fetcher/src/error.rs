@@ -74,6 +74,20 @@ pub enum Error {
         /// The digest of what arrived.
         actual: Box<Digest>,
     },
+    /// The registry's answer ended before the whole object arrived: the stored blob is
+    /// shorter than the manifest says, or the connection was cut mid-body. Distinct from
+    /// [`Error::Unreachable`]: the registry did answer.
+    #[error("registry {host} sent only {got} of the {expected} bytes of {what}: the response was cut short (a truncated blob in the registry, or a proxy or connection that ended the body early)")]
+    Truncated {
+        /// Registry host.
+        host: String,
+        /// The object (`blob sha256:...`, with the range when it was a range read).
+        what: String,
+        /// Bytes received.
+        got: u64,
+        /// Bytes expected (the manifest's size, or the response's own length).
+        expected: u64,
+    },
     /// The response was malformed (short body, bad Content-Range, bad JSON...).
     #[error("invalid response from {host} for {what}: {detail}")]
     InvalidResponse {

@@ -383,13 +383,15 @@ impl Registry {
         dest.with_extension(format!("partial-{}", std::process::id()))
     }
 
-    /// Streams a blob to `dest`, verifying its digest. On any failure (including a digest
-    /// mismatch) nothing is left at `dest`; the file appears only complete and verified
-    /// (written to a temporary name, then renamed). `progress` is called with the bytes so far.
+    /// Streams a blob to `dest`, verifying its size (`size`, from the manifest, when known)
+    /// and digest. On any failure (including a digest mismatch) nothing is left at `dest`; the
+    /// file appears only complete and verified (written to a temporary name, then renamed).
+    /// `progress` is called with the bytes so far.
     pub async fn download_blob(
         &self,
         reference: &Reference,
         digest: &Digest,
+        size: Option<u64>,
         dest: &Path,
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<u64, Error> {
@@ -407,9 +409,10 @@ impl Registry {
                     .map_err(|e| Attempt::Fatal(io(e, "create")))?;
                 let mut verifier = Verifier::new(digest.algorithm());
                 let mut total = 0u64;
+                let expected = size.or(resp.content_length());
                 let mut stream = resp.bytes_stream();
                 while let Some(piece) = stream.next().await {
-                    let piece = piece.map_err(|e| transport_error(e, &host, &what, 1))?;
+                    let piece = piece.map_err(|e| body_error(e, &host, &what, total, expected))?;
                     verifier.update(&piece);
                     file.write_all(&piece)
                         .await
@@ -423,6 +426,29 @@ impl Registry {
                 file.flush()
                     .await
                     .map_err(|e| Attempt::Fatal(io(e, "flush")))?;
+                match expected {
+                    Some(expected) if total < expected => {
+                        return Err(Attempt::Retry(
+                            Error::Truncated {
+                                host,
+                                what: what.clone(),
+                                got: total,
+                                expected,
+                            },
+                            None,
+                        ))
+                    }
+                    Some(expected) if size.is_some() && total > expected => {
+                        return Err(Attempt::Fatal(Error::InvalidResponse {
+                            host,
+                            what: what.clone(),
+                            detail: format!(
+                                "{total} bytes arrived where the manifest says {expected}"
+                            ),
+                        }))
+                    }
+                    _ => {}
+                }
                 let actual = verifier.finish();
                 if actual != *digest {
                     return Err(Attempt::Fatal(Error::DigestMismatch {
@@ -501,7 +527,10 @@ impl Registry {
             let mut skipped = 0u64;
             let mut stream = resp.bytes_stream();
             while let Some(piece) = stream.next().await {
-                let mut piece = piece.map_err(|e| transport_error(e, &host, &what, 1))?;
+                let mut piece = piece.map_err(|e| {
+                    let got = (buf.len() as u64).saturating_add(skipped);
+                    body_error(e, &host, &what, got, Some(len.saturating_add(skip)))
+                })?;
                 self.inner
                     .blob_bytes
                     .fetch_add(piece.len() as u64, Ordering::Relaxed);
@@ -518,10 +547,11 @@ impl Registry {
             }
             if (buf.len() as u64) < len {
                 return Err(Attempt::Retry(
-                    Error::InvalidResponse {
+                    Error::Truncated {
                         host,
                         what: what.clone(),
-                        detail: format!("body ended after {} of {len} bytes", buf.len()),
+                        got: buf.len() as u64,
+                        expected: len,
                     },
                     None,
                 ));
@@ -1107,6 +1137,30 @@ pub(crate) fn transport_error(e: reqwest::Error, host: &str, what: &str, attempt
             },
             None,
         )
+    }
+}
+
+/// A failure while a response body streams in: the registry answered, so a body cut short is
+/// reported as such (retried, like any transient failure), not as an unreachable registry;
+/// a stall stays a timeout.
+fn body_error(
+    e: reqwest::Error,
+    host: &str,
+    what: &str,
+    got: u64,
+    expected: Option<u64>,
+) -> Attempt {
+    match expected {
+        Some(expected) if !e.is_timeout() => Attempt::Retry(
+            Error::Truncated {
+                host: host.to_string(),
+                what: what.to_string(),
+                got,
+                expected,
+            },
+            None,
+        ),
+        _ => transport_error(e, host, what, 1),
     }
 }
 

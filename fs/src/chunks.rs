@@ -75,6 +75,22 @@ pub enum ChunkError {
         /// Blob offset of the chunk.
         offset: u64,
     },
+    /// The layer describes a chunk with a digest that names content of another size (the
+    /// cache already holds that digest, verified, with a different length). No bytes of it
+    /// are served: a digest names one content, so the description is wrong.
+    #[error("layer {layer}: chunk at blob offset {offset} claims {size} bytes for digest {digest}, whose verified content has {actual} bytes")]
+    SizeConflict {
+        /// Layer digest.
+        layer: Digest,
+        /// Blob offset of the chunk.
+        offset: u64,
+        /// The digest from the TOC.
+        digest: Box<Digest>,
+        /// The size the TOC claims.
+        size: u64,
+        /// The size of the verified content of that digest.
+        actual: u64,
+    },
     /// The node is not a regular file.
     #[error("node {0} is not a regular file")]
     NotAFile(NodeId),
@@ -152,9 +168,13 @@ struct Inner {
     /// Chunk indices (into `layer.all_chunks()`) in blob order, for read-around.
     blob_order: Vec<u32>,
     /// Chunks being loaded: later readers of the same chunk wait for the first one's result
-    /// instead of fetching overlapping ranges again.
-    loading: parking_lot::Mutex<HashMap<Digest, watch::Receiver<Loaded>>>,
+    /// instead of fetching overlapping ranges again. Keyed by digest and size, so a chunk that
+    /// claims another chunk's digest with a different size never receives its bytes.
+    loading: parking_lot::Mutex<HashMap<LoadKey, watch::Receiver<Loaded>>>,
 }
+
+/// What identifies a chunk's content: its digest and its length.
+type LoadKey = (Digest, u64);
 
 /// The shared outcome of loading one chunk.
 type Loaded = Option<Result<Bytes, ChunkError>>;
@@ -279,17 +299,32 @@ impl LayerSource {
             });
         }
         let parts = self.fetch_many(&wanted, priority).await?;
-        if parts.len() == 1 {
-            let c = &wanted[0];
-            let from = (offset - c.file_offset) as usize;
-            let to = (end - c.file_offset) as usize;
-            return Ok(parts[0].slice(from..to));
+        // Every part has exactly its chunk's size (checked where it was loaded) and the
+        // chunks tile the file (checked when the layer was built); the cut is still checked,
+        // so a broken invariant fails this read instead of the daemon.
+        let cut = |c: &Chunk, data: &Bytes| {
+            let from = offset.saturating_sub(c.file_offset);
+            let to = end.min(c.file_offset.saturating_add(c.size)) - c.file_offset;
+            usize::try_from(from)
+                .ok()
+                .zip(usize::try_from(to).ok())
+                .filter(|(f, t)| f <= t && *t <= data.len())
+                .map(|(f, t)| data.slice(f..t))
+                .ok_or_else(|| ChunkError::Corrupt {
+                    layer: self.digest(),
+                    offset: c.blob_offset,
+                    detail: format!(
+                        "chunk holds {} bytes, the read needs [{from}, {to})",
+                        data.len()
+                    ),
+                })
+        };
+        if let ([c], [data]) = (wanted.as_slice(), parts.as_slice()) {
+            return cut(c, data);
         }
         let mut out = BytesMut::with_capacity((end - offset) as usize);
-        for (c, data) in wanted.iter().zip(parts) {
-            let from = offset.saturating_sub(c.file_offset) as usize;
-            let to = (end.min(c.file_offset + c.size) - c.file_offset) as usize;
-            out.extend_from_slice(&data[from..to]);
+        for (c, data) in wanted.iter().zip(&parts) {
+            out.extend_from_slice(&cut(c, data)?);
         }
         Ok(out.freeze())
     }
@@ -334,33 +369,34 @@ impl LayerSource {
             layer: self.digest(),
             offset: chunk.blob_offset,
         })?;
+        let key = (digest, chunk.size);
         loop {
             let (tx, mut rx) = {
                 let mut loading = self.inner.loading.lock();
-                match loading.get(&digest) {
+                match loading.get(&key) {
                     Some(rx) => (None, rx.clone()),
                     None => {
                         let (tx, rx) = watch::channel(None);
-                        loading.insert(digest, rx.clone());
+                        loading.insert(key, rx.clone());
                         (Some(tx), rx)
                     }
                 }
             };
             let Some(tx) = tx else {
-                match rx.wait_for(|v| v.is_some()).await {
-                    Ok(v) => {
-                        if let Some(r) = v.clone() {
-                            return r;
-                        }
-                    }
-                    // The loader was cancelled: load it ourselves.
-                    Err(_) => continue,
+                let outcome = rx.wait_for(|v| v.is_some()).await.map(|v| v.clone());
+                match outcome {
+                    Ok(Some(r)) => return r,
+                    // The loader ended without a result (cancelled, or it panicked): drop its
+                    // entry if nobody replaced it yet, then load the chunk ourselves. Without
+                    // the removal the next turn would find the dead entry again and spin.
+                    Ok(None) | Err(_) => self.release(&key, &rx),
                 }
                 continue;
             };
             let _done = LoadGuard {
                 source: self,
-                digest,
+                key,
+                rx,
             };
             let result = self.load_chunk(chunk, digest, priority).await;
             tx.send_replace(Some(result.clone()));
@@ -375,6 +411,22 @@ impl LayerSource {
         priority: Priority,
     ) -> Result<Bytes, ChunkError> {
         let layer = self.digest();
+        if let Some(actual) = self
+            .inner
+            .cache
+            .size_of(&digest)
+            .filter(|s| *s != chunk.size)
+        {
+            tracing::error!(layer = %layer, chunk_offset = chunk.blob_offset, chunk_digest = %digest,
+                size = chunk.size, actual, "chunk digest names content of another size; refusing the read");
+            return Err(ChunkError::SizeConflict {
+                layer,
+                offset: chunk.blob_offset,
+                digest: Box::new(digest),
+                size: chunk.size,
+                actual,
+            });
+        }
         let cached = match self.inner.cache.lookup_in_memory(&digest) {
             Lookup::Hot(data) => Some(data),
             Lookup::Absent => None,
@@ -385,7 +437,8 @@ impl LayerSource {
                     .map_err(|e| ChunkError::Cache(e.to_string()))?
             }
         };
-        if let Some(data) = cached {
+        // The size was checked above, but the entry may have been replaced since.
+        if let Some(data) = cached.filter(|d| d.len() as u64 == chunk.size) {
             self.inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(data);
         }
@@ -458,6 +511,15 @@ impl LayerSource {
             offset: chunk.blob_offset,
             expected: Box::new(digest),
         })
+    }
+
+    /// Removes the loading entry of `key` if it is still the load `rx` belongs to (a later
+    /// load of the same chunk keeps its own entry).
+    fn release(&self, key: &LoadKey, rx: &watch::Receiver<Loaded>) {
+        let mut loading = self.inner.loading.lock();
+        if loading.get(key).is_some_and(|r| r.same_channel(rx)) {
+            loading.remove(key);
+        }
     }
 
     /// Fetches every chunk whose compressed data starts before `until` (the eStargz prefetch
@@ -599,45 +661,58 @@ impl LayerSource {
     /// or read of one of them waits for it instead of fetching the same bytes again; chunks
     /// that fail verification are released and fetched by whoever wants them.
     pub fn seed(&self, start: u64, bytes: Bytes) {
-        let end = start + bytes.len() as u64;
-        let mut claimed: Vec<(Chunk, Digest, watch::Sender<Loaded>)> = Vec::new();
+        let end = start.saturating_add(bytes.len() as u64);
+        let mut claimed: Vec<(Chunk, LoadKey, watch::Sender<Loaded>)> = Vec::new();
+        let mut claims: Vec<(LoadKey, watch::Receiver<Loaded>)> = Vec::new();
         {
             let mut loading = self.inner.loading.lock();
             for c in self.inner.layer.all_chunks() {
                 let Some(digest) = c.digest else { continue };
+                let key = (digest, c.size);
                 if c.blob_offset < start
                     || c.blob_offset.saturating_add(c.blob_len) > end
-                    || loading.contains_key(&digest)
+                    || loading.contains_key(&key)
                     || self.inner.cache.contains(&digest)
                 {
                     continue;
                 }
                 let (tx, rx) = watch::channel(None);
-                loading.insert(digest, rx);
-                claimed.push((*c, digest, tx));
+                loading.insert(key, rx.clone());
+                claimed.push((*c, key, tx));
+                claims.push((key, rx));
             }
         }
         if claimed.is_empty() {
             return;
         }
-        let this = self.clone();
+        // Every claim is released when its chunk is done, and all that are left when the work
+        // ends in any other way (a panic included), so no reader waits on a dead entry.
+        let release = ReleaseOnDrop {
+            source: self.clone(),
+            claims,
+        };
         let work = move || {
+            let this = &release.source;
             let mut seeded = 0u64;
-            for (c, digest, tx) in claimed {
-                let from = (c.blob_offset - start) as usize;
-                let unit = &bytes[from..from + c.blob_len as usize];
-                let verified = decompress(this.inner.compression, unit, &c)
+            for (c, key, tx) in claimed {
+                let unit = usize::try_from(c.blob_offset - start)
                     .ok()
-                    .filter(|data| digest.matches(data));
+                    .zip(usize::try_from(c.blob_len).ok())
+                    .and_then(|(from, len)| bytes.get(from..from.checked_add(len)?));
+                let verified = unit
+                    .and_then(|unit| decompress(this.inner.compression, unit, &c).ok())
+                    .filter(|data| key.0.matches(data));
                 if let Some(data) = verified {
-                    if this.inner.cache.put(&digest, &data).is_ok() {
+                    if this.inner.cache.put(&key.0, &data).is_ok() {
                         seeded += 1;
                     }
                     tx.send_replace(Some(Ok(Bytes::from(data))));
                 }
                 // Released either way; a waiter whose chunk failed sees the sender gone and
                 // loads it itself.
-                this.inner.loading.lock().remove(&digest);
+                if let Some((_, rx)) = release.claims.iter().find(|(k, _)| *k == key) {
+                    this.release(&key, rx);
+                }
                 drop(tx);
             }
             if seeded > 0 {
@@ -662,15 +737,18 @@ impl LayerSource {
     /// background fill assembled it (by the file digest).
     pub fn backing_file(&self, node: NodeId) -> Option<std::path::PathBuf> {
         let chunks = self.inner.layer.chunks(node);
-        match chunks {
-            [only] => only.digest.and_then(|d| self.inner.cache.path_of(&d)),
-            [] => None,
-            _ => self
-                .inner
-                .layer
-                .file_digest(node)
-                .and_then(|d| self.inner.cache.path_of(d)),
+        let size = self.inner.layer.node(node)?.size;
+        let digest = match chunks {
+            [only] => only.digest?,
+            [] => return None,
+            _ => *self.inner.layer.file_digest(node)?,
+        };
+        // Only content of exactly the file's size stands for it (a digest the TOC reuses
+        // with another size must not become the file).
+        if self.inner.cache.size_of(&digest) != Some(size) {
+            return None;
         }
+        self.inner.cache.path_of(&digest)
     }
 
     /// Hands a read to the async engine and calls `done` with the result (the FUSE session
@@ -698,12 +776,28 @@ impl LayerSource {
 /// Removes a chunk from the loading table when its load ends (or is cancelled).
 struct LoadGuard<'a> {
     source: &'a LayerSource,
-    digest: Digest,
+    key: LoadKey,
+    rx: watch::Receiver<Loaded>,
 }
 
 impl Drop for LoadGuard<'_> {
     fn drop(&mut self) {
-        self.source.inner.loading.lock().remove(&self.digest);
+        self.source.release(&self.key, &self.rx);
+    }
+}
+
+/// Removes every chunk a seeding pass claimed from the loading table when the pass ends,
+/// however it ends (a panic included).
+struct ReleaseOnDrop {
+    source: LayerSource,
+    claims: Vec<(LoadKey, watch::Receiver<Loaded>)>,
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        for (key, rx) in &self.claims {
+            self.source.release(key, rx);
+        }
     }
 }
 
@@ -735,6 +829,14 @@ fn cut(mut dec: impl Read, unit_name: &str, chunk: &Chunk) -> Result<Vec<u8>, St
                 chunk.inner_offset
             ));
         }
+    }
+    // The layer model refuses larger chunks; checked again because this allocates.
+    if chunk.size > crate::toc::MAX_CHUNK_SIZE {
+        return Err(format!(
+            "chunk of {} bytes exceeds the {}-byte limit",
+            chunk.size,
+            crate::toc::MAX_CHUNK_SIZE
+        ));
     }
     let size = usize::try_from(chunk.size).map_err(|_| "chunk too large".to_string())?;
     let mut out = vec![0u8; size];

@@ -27,9 +27,12 @@
 //! store that must show many layers under one tree (the podman additional layer store) can
 //! mount each layer below its own directory.
 //!
-//! The mount uses `nodev,nosuid` (fuser's defaults): containers see the layer through overlayfs,
-//! whose own mount flags govern device nodes and set-id execution, so the raw layer mount need
-//! not grant either.
+//! The mount is `nodev,nosuid`, set explicitly (mount(2) grants both unless told not to): the
+//! layer mounts sit under the daemon's root where any local user who can reach them could
+//! otherwise open an image's device nodes (a 0666 block device is a raw host disk) or run its
+//! set-user-ID binaries as their owner. Containers see the layer through overlayfs, whose own
+//! mount flags govern device nodes and set-id execution inside the container (and runc's device
+//! cgroup governs which devices it may open), so the raw layer mount needs neither.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -1329,6 +1332,8 @@ fn session_config(opts: &MountOptions) -> Config {
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::RO,
+        MountOption::NoSuid,
+        MountOption::NoDev,
         MountOption::FSName(opts.fsname.clone()),
         // A kernel option, so the direct mount(2) path sets `fuse.lazypull` too (fuser's
         // `Subtype` only reaches fusermount).

@@ -412,7 +412,13 @@ async fn fetch_and_convert(req: &LocalRequest, dest: &Path) -> Result<(), OpenEr
         let downloaded = req
             .engine
             .registry()
-            .download_blob(&req.reference, &layer, &download, &report)
+            .download_blob(
+                &req.reference,
+                &layer,
+                Some(req.desc.size),
+                &download,
+                &report,
+            )
             .await;
         state.finish(downloaded.as_ref().map(|_| ()).map_err(|e| e.to_string()));
         let converted = converting.await;

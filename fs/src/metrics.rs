@@ -5,7 +5,10 @@
 use std::sync::LazyLock;
 use std::time::Instant;
 
-use prometheus::{register_histogram, register_histogram_vec, Histogram, HistogramVec};
+use prometheus::{
+    register_histogram, register_histogram_vec, register_int_counter_vec, Histogram, HistogramVec,
+    IntCounterVec,
+};
 
 /// FUSE operations that are timed.
 #[derive(Debug, Clone, Copy)]
@@ -131,4 +134,35 @@ pub fn since_last_on_demand() -> Option<std::time::Duration> {
     (last > 0).then(|| {
         std::time::Duration::from_millis((EPOCH.elapsed().as_millis() as u64).saturating_sub(last))
     })
+}
+
+/// `lazypull_refused_tocs_total{format, cause}`: TOCs that were not trusted for a lazy mount,
+/// so their layer was fetched whole and verified against the layer digest instead.
+static REFUSED_TOCS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "lazypull_refused_tocs_total",
+        "TOCs not used for a lazy mount (the layer is fetched whole and verified instead), by \
+         format and cause (unbound: no digest annotation ties the TOC to the manifest; invalid: \
+         malformed, inconsistent or beyond the reader's limits).",
+        &["format", "cause"]
+    )
+    .expect("metric registers once")
+});
+
+/// Why a TOC was refused, for [`count_refused_toc`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TocRefusal {
+    /// Nothing ties the TOC to the manifest: no digest annotation.
+    Unbound,
+    /// The TOC is malformed, inconsistent, or beyond the reader's limits.
+    Invalid,
+}
+
+/// Counts a TOC that was refused (`format`: `estargz` or `zstd_chunked`).
+pub fn count_refused_toc(format: &str, why: TocRefusal) {
+    let cause = match why {
+        TocRefusal::Unbound => "unbound",
+        TocRefusal::Invalid => "invalid",
+    };
+    REFUSED_TOCS.with_label_values(&[format, cause]).inc();
 }

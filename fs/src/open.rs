@@ -67,6 +67,19 @@ pub enum OpenError {
         /// Reader error.
         source: ZstdChunkedError,
     },
+    /// Nothing ties the layer's TOC to the manifest: the annotation that carries its digest
+    /// is missing, so a registry or proxy could swap the blob for another valid one of the same
+    /// size and every name and byte would follow the swapped TOC. Such a TOC is never used;
+    /// [`open_layer`] fetches the layer whole and verifies it against the layer digest instead.
+    #[error("layer {layer}: its {format} TOC is not bound to the manifest (no {annotation} annotation), so it is not trusted")]
+    Unbound {
+        /// Layer digest.
+        layer: Digest,
+        /// `eStargz` or `zstd:chunked`.
+        format: &'static str,
+        /// The annotation that would bind it.
+        annotation: &'static str,
+    },
     /// The TOC digest annotation is not a digest.
     #[error("layer {layer}: annotation {TOC_DIGEST_ANNOTATION} is invalid: {detail}")]
     BadAnnotation {
@@ -275,9 +288,9 @@ fn open_saved_toc(
         }
         Some(match format {
             TocFormat::Estargz => {
-                let expected = expected_toc(desc).ok()?;
-                let o =
-                    estargz::open_toc(&tail, start, desc.size, expected.as_ref(), reader).ok()?;
+                // Saved by a version that trusted unbound TOCs: never reused without a binding.
+                let expected = expected_toc(desc).ok()??;
+                let o = estargz::open_toc(&tail, start, desc.size, Some(&expected), reader).ok()?;
                 lazy_layer(
                     o.layer,
                     blob(),
@@ -290,7 +303,9 @@ fn open_saved_toc(
                 )
             }
             TocFormat::ZstdChunked => {
-                let hint = TocHint::from_annotations(&desc.annotations).ok()?;
+                let hint = TocHint::from_annotations(&desc.annotations)
+                    .ok()
+                    .filter(TocHint::is_bound)?;
                 let o = zstd_chunked::open_toc(&tail, start, desc.size, &hint, reader).ok()?;
                 lazy_layer(
                     o.layer,
@@ -322,8 +337,14 @@ async fn open_estargz_tail(
     source: SourceConfig,
 ) -> Result<(OpenedLayer, u64, bytes::Bytes), OpenError> {
     let layer = desc.digest;
-    let expected =
-        expected_toc(desc).map_err(|detail| OpenError::BadAnnotation { layer, detail })?;
+    let expected = expected_toc(desc)
+        .map_err(|detail| OpenError::BadAnnotation { layer, detail })?
+        .ok_or(OpenError::Unbound {
+            layer,
+            format: "eStargz",
+            annotation: TOC_DIGEST_ANNOTATION,
+        })?;
+    let expected = Some(expected);
     let blob = engine.blob(reference, desc.digest, Some(desc.size));
     let fetch = |source| OpenError::Fetch { layer, source };
     let tail_len = estargz::tail_read_len(desc.size).min(desc.size);
@@ -396,6 +417,13 @@ async fn open_zstd_chunked_tail(
     let toc_err = |source| OpenError::ZstdChunked { layer, source };
     let fetch = |source| OpenError::Fetch { layer, source };
     let hint = TocHint::from_annotations(&desc.annotations).map_err(toc_err)?;
+    if !hint.is_bound() {
+        return Err(OpenError::Unbound {
+            layer,
+            format: "zstd:chunked",
+            annotation: zstd_chunked::MANIFEST_CHECKSUM_ANNOTATION,
+        });
+    }
     let blob = engine.blob(reference, desc.digest, Some(size));
     // The footer probe, when it already holds everything needed.
     let mut have: Option<Bytes> = None;
@@ -637,8 +665,8 @@ async fn try_estargz(
     }
     let mt = &desc.media_type;
     if !desc.annotations.contains_key(TOC_DIGEST_ANNOTATION) {
-        // No annotation: one small read of the footer tells eStargz from plain gzip without
-        // paying for the (much larger) speculative TOC read on plain layers.
+        // No annotation: one small read of the footer tells eStargz from plain gzip, only to
+        // say why the layer is fetched whole; its TOC would not be trusted either way.
         let len = (estargz::FOOTER_SIZE as u64).min(desc.size);
         if len < estargz::EXTERNAL_TOC_FOOTER_SIZE as u64 {
             return Ok(Err(format!(
@@ -652,7 +680,17 @@ async fn try_estargz(
             .await
             .map_err(|source| OpenError::Fetch { layer, source })?;
         match estargz::parse_footer(&tail) {
-            Ok((Footer::Estargz { .. } | Footer::Legacy { .. }, _)) => {}
+            Ok((Footer::Estargz { .. } | Footer::Legacy { .. }, _)) => {
+                return Ok(Err(refuse_unbound(
+                    &OpenError::Unbound {
+                        layer,
+                        format: "eStargz",
+                        annotation: TOC_DIGEST_ANNOTATION,
+                    },
+                    "estargz",
+                    mt,
+                )))
+            }
             Ok((Footer::ExternalToc, _)) => {
                 return Ok(Err(format!(
                     "eStargz with an external TOC is not supported yet (media type {mt})"
@@ -671,11 +709,7 @@ async fn try_estargz(
             Ok(Ok(opened))
         }
         Err(e @ OpenError::Fetch { .. }) => Err(e),
-        Err(e) => {
-            tracing::warn!(layer = %layer, error = %e,
-                "eStargz TOC is unusable; falling back to a verified whole-layer fetch");
-            Ok(Err(format!("eStargz TOC unusable: {e}")))
-        }
+        Err(e) => Ok(Err(refuse_invalid(&e, "estargz", "eStargz"))),
     }
 }
 
@@ -715,23 +749,45 @@ async fn try_zstd_chunked(
         }
     };
     let mut probe = None;
-    if hint.toc.is_none() {
-        // No position annotation: one small read of the footer tells zstd:chunked from plain
-        // zstd before anything larger is read.
-        let plain =
-            || format!("no TOC: plain zstd layer without a zstd:chunked footer (media type {mt})");
-        let len = (zstd_chunked::FOOTER_PROBE_LEN as u64).min(desc.size);
-        if len < 48 {
-            return Ok(Err(plain()));
+    if !hint.is_bound() {
+        // No checksum annotation: its TOC would not be trusted. Without a position either, one
+        // small read of the footer tells zstd:chunked from plain zstd, only to say why the
+        // layer is fetched whole.
+        if hint.toc.is_none() {
+            let plain = || {
+                format!("no TOC: plain zstd layer without a zstd:chunked footer (media type {mt})")
+            };
+            let len = (zstd_chunked::FOOTER_PROBE_LEN as u64).min(desc.size);
+            if len < 48 {
+                return Ok(Err(plain()));
+            }
+            let tail = engine
+                .blob(reference, layer, Some(desc.size))
+                .read_toc_at(desc.size - len, len)
+                .await
+                .map_err(|source| OpenError::Fetch { layer, source })?;
+            if zstd_chunked::parse_footer(&tail).is_err() {
+                return Ok(Err(plain()));
+            }
         }
+        return Ok(Err(refuse_unbound(
+            &OpenError::Unbound {
+                layer,
+                format: "zstd:chunked",
+                annotation: zstd_chunked::MANIFEST_CHECKSUM_ANNOTATION,
+            },
+            "zstd_chunked",
+            mt,
+        )));
+    }
+    if hint.toc.is_none() {
+        // A checksum but no position: the footer says where the TOC is.
+        let len = (zstd_chunked::FOOTER_PROBE_LEN as u64).min(desc.size);
         let tail = engine
             .blob(reference, layer, Some(desc.size))
             .read_toc_at(desc.size - len, len)
             .await
             .map_err(|source| OpenError::Fetch { layer, source })?;
-        if zstd_chunked::parse_footer(&tail).is_err() {
-            return Ok(Err(plain()));
-        }
         probe = Some(tail);
     }
     match open_zstd_chunked_tail(engine, cache, reference, desc, reader, source, probe).await {
@@ -740,12 +796,33 @@ async fn try_zstd_chunked(
             Ok(Ok(opened))
         }
         Err(e @ OpenError::Fetch { .. }) => Err(e),
-        Err(e) => {
-            tracing::warn!(layer = %layer, error = %e,
-                "zstd:chunked TOC is unusable; falling back to a verified whole-layer fetch");
-            Ok(Err(format!("zstd:chunked TOC unusable: {e}")))
-        }
+        Err(e) => Ok(Err(refuse_invalid(&e, "zstd_chunked", "zstd:chunked"))),
     }
+}
+
+/// Logs and counts a TOC that nothing ties to the manifest; returns the reason the layer is
+/// fetched whole. `format` names the metric label (`estargz`, `zstd_chunked`).
+fn refuse_unbound(e: &OpenError, format: &str, media_type: &str) -> String {
+    crate::metrics::count_refused_toc(format, crate::metrics::TocRefusal::Unbound);
+    tracing::warn!(error = %e,
+        "TOC not bound to the manifest; fetching the layer whole and verifying it against the layer digest instead");
+    match e {
+        OpenError::Unbound {
+            format, annotation, ..
+        } => format!(
+            "{format} TOC not bound to the manifest (no {annotation} annotation; media type {media_type})"
+        ),
+        _ => format!("TOC not bound to the manifest (media type {media_type})"),
+    }
+}
+
+/// Logs and counts a TOC that could not be used; returns the reason the layer is fetched
+/// whole.
+fn refuse_invalid(e: &OpenError, format: &str, name: &str) -> String {
+    crate::metrics::count_refused_toc(format, crate::metrics::TocRefusal::Invalid);
+    tracing::warn!(error = %e,
+        "{name} TOC is unusable; falling back to a verified whole-layer fetch");
+    format!("{name} TOC unusable: {e}")
 }
 
 #[cfg(test)]

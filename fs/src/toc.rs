@@ -25,6 +25,27 @@ pub const ROOT: NodeId = 0;
 /// Index of a name in the layer's name arena.
 type NameId = u32;
 
+/// Longest uncompressed chunk a layer may declare. A chunk is decompressed whole into memory
+/// before its digest can be checked, so this bounds the memory one chunk load can take, and it
+/// is checked before anything is allocated. The writers of the ecosystem stay far below it
+/// (eStargz: 4 MiB by default; zstd:chunked: rolling-checksum chunks of tens of KiB); a layer
+/// that declares more is not read lazily but fetched whole and verified instead.
+pub const MAX_CHUNK_SIZE: u64 = 16 << 20;
+
+/// Longest compressed unit (gzip member or zstd frames) a chunk may be read from, and the
+/// furthest into its decompressed unit a chunk may start (`inner_offset + size`). Both bound
+/// what one chunk load fetches and decompresses; a legitimate unit holds at most one chunk
+/// plus the tar headers that follow it.
+pub const MAX_UNIT_BYTES: u64 = 4 * MAX_CHUNK_SIZE;
+
+/// Longest name of one directory entry (Linux `NAME_MAX`): longer names cannot be created by
+/// any filesystem an image is extracted to, and the kernel refuses them in FUSE replies.
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Longest symlink target (Linux `PATH_MAX` minus the terminating NUL); `readlink` cannot
+/// return more.
+pub const MAX_LINK_TARGET_LEN: usize = 4095;
+
 /// What a node is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -130,6 +151,47 @@ pub enum TocError {
     /// A symlink without a target.
     #[error("symlink {0:?} has no target")]
     NoLinkTarget(String),
+    /// A name (one path component) longer than the kernel accepts.
+    #[error("{path:?}: a name of {len} bytes is longer than {MAX_NAME_LEN} (NAME_MAX)")]
+    NameTooLong {
+        /// The entry (cut to its first 300 bytes in messages).
+        path: String,
+        /// Length of the offending component.
+        len: usize,
+    },
+    /// A symlink target longer than `readlink` can return.
+    #[error("symlink {path:?}: a target of {len} bytes is longer than {MAX_LINK_TARGET_LEN}")]
+    LinkTargetTooLong {
+        /// The symlink.
+        path: String,
+        /// Length of its target.
+        len: usize,
+    },
+    /// A chunk (or the compressed unit it is read from) larger than the reader accepts.
+    #[error("{path:?}: {what} of {size} bytes is larger than the {limit}-byte limit")]
+    ChunkTooLarge {
+        /// The file.
+        path: String,
+        /// Which size.
+        what: &'static str,
+        /// The declared size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Two chunks with the same digest but different sizes: one digest names one content, so
+    /// the TOC is inconsistent (a cached chunk of one size must never stand for the other).
+    #[error("{path:?}: chunk digest {digest} is declared with {size} bytes here and {other} bytes elsewhere in the layer")]
+    ChunkDigestConflict {
+        /// The file whose chunk conflicts.
+        path: String,
+        /// The digest.
+        digest: Box<Digest>,
+        /// Its size in this file.
+        size: u64,
+        /// Its size where it was first declared.
+        other: u64,
+    },
     /// More entries than the model can index.
     #[error("layer has too many entries ({0})")]
     TooLarge(usize),
@@ -348,11 +410,13 @@ pub struct LayerBuilder {
     chunks: Vec<Chunk>,
     xattrs: Vec<Vec<(NameId, Vec<u8>)>>,
     digests: Vec<Digest>,
+    /// Size of every chunk digest seen so far, to refuse one digest declared with two sizes.
+    chunk_sizes: HashMap<Digest, u64>,
 }
 
 /// Splits and checks a layer path: relative, no `..`, no NUL, `./` and trailing `/` dropped.
 pub fn split_path(path: &str) -> Result<Vec<&str>, TocError> {
-    let bad = || TocError::BadPath(path.to_string());
+    let bad = || TocError::BadPath(shorten(path));
     if path.contains('\0') || path.starts_with('/') {
         return Err(bad());
     }
@@ -363,7 +427,25 @@ pub fn split_path(path: &str) -> Result<Vec<&str>, TocError> {
     if parts.contains(&"..") {
         return Err(bad());
     }
+    if let Some(long) = parts.iter().find(|p| p.len() > MAX_NAME_LEN) {
+        return Err(TocError::NameTooLong {
+            path: shorten(path),
+            len: long.len(),
+        });
+    }
     Ok(parts)
+}
+
+/// A path cut to a length fit for an error message (a hostile name can be megabytes).
+fn shorten(path: &str) -> String {
+    if path.len() <= 300 {
+        return path.to_string();
+    }
+    let mut end = 300;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &path[..end])
 }
 
 impl LayerBuilder {
@@ -470,6 +552,8 @@ impl LayerBuilder {
             return Ok(());
         }
         let (name_str, whiteout) = match last.strip_prefix(".wh.") {
+            // `.wh..` and `.wh...` would hide `.` and `..`: not a name a layer can delete.
+            Some("." | "..") => return Err(TocError::BadPath(entry.path)),
             Some(n) if !n.is_empty() => (n, true),
             _ => (*last, false),
         };
@@ -534,6 +618,7 @@ impl LayerBuilder {
         match entry.kind {
             Kind::File => {
                 check_chunks(&entry)?;
+                self.check_chunk_digests(&entry)?;
                 node.size = entry.size;
                 node.first = self.chunks.len() as u32;
                 node.count = entry.chunks.len() as u32;
@@ -549,6 +634,12 @@ impl LayerBuilder {
                     .as_deref()
                     .filter(|t| !t.is_empty())
                     .ok_or_else(|| TocError::NoLinkTarget(entry.path.clone()))?;
+                if target.len() > MAX_LINK_TARGET_LEN {
+                    return Err(TocError::LinkTargetTooLong {
+                        path: shorten(&entry.path),
+                        len: target.len(),
+                    });
+                }
                 node.link = self.intern(target.as_bytes());
                 node.size = target.len() as u64;
             }
@@ -563,6 +654,29 @@ impl LayerBuilder {
             o.nlink = o.nlink.saturating_sub(1);
         }
         self.link(parent, name, id);
+        Ok(())
+    }
+
+    /// Records the size of each chunk digest of `entry`, refusing a digest already declared
+    /// with another size.
+    fn check_chunk_digests(&mut self, entry: &Entry) -> Result<(), TocError> {
+        for c in &entry.chunks {
+            let Some(d) = c.digest else { continue };
+            match self.chunk_sizes.entry(d) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(c.size);
+                }
+                std::collections::hash_map::Entry::Occupied(o) if *o.get() != c.size => {
+                    return Err(TocError::ChunkDigestConflict {
+                        path: shorten(&entry.path),
+                        digest: Box::new(d),
+                        size: c.size,
+                        other: *o.get(),
+                    });
+                }
+                std::collections::hash_map::Entry::Occupied(_) => {}
+            }
+        }
         Ok(())
     }
 
@@ -658,6 +772,7 @@ impl LayerBuilder {
         }
         nodes[ROOT as usize].parent = ROOT;
         self.name_ids = HashMap::new();
+        self.chunk_sizes = HashMap::new();
         let mut layer = Layer {
             names: self.names,
             name_offsets: self.name_offsets,
@@ -691,6 +806,26 @@ fn check_chunks(entry: &Entry) -> Result<(), TocError> {
         }
         if c.size == 0 {
             return Err(bad(format!("empty chunk at {}", c.file_offset)));
+        }
+        let too_large = |what, size, limit| TocError::ChunkTooLarge {
+            path: shorten(&entry.path),
+            what,
+            size,
+            limit,
+        };
+        if c.size > MAX_CHUNK_SIZE {
+            return Err(too_large("chunk", c.size, MAX_CHUNK_SIZE));
+        }
+        if c.blob_len > MAX_UNIT_BYTES {
+            return Err(too_large("compressed unit", c.blob_len, MAX_UNIT_BYTES));
+        }
+        let unit_end = c.inner_offset.saturating_add(c.size);
+        if unit_end > MAX_UNIT_BYTES {
+            return Err(too_large(
+                "decompressed unit up to the chunk's end",
+                unit_end,
+                MAX_UNIT_BYTES,
+            ));
         }
         expect = c
             .file_offset
@@ -813,6 +948,78 @@ mod tests {
         assert!(matches!(b.add(short), Err(TocError::BadChunks { .. })));
         let sl = Entry::new("l", Kind::Symlink);
         assert!(matches!(b.add(sl), Err(TocError::NoLinkTarget(_))));
+    }
+
+    #[test]
+    fn refuses_what_the_kernel_or_memory_could_not_take() {
+        let mut b = LayerBuilder::new();
+        // Names: one component over NAME_MAX, in a path or as a hard link target.
+        let long = "n".repeat(MAX_NAME_LEN + 1);
+        assert!(matches!(
+            b.add(file(&format!("d/{long}"), 1)),
+            Err(TocError::NameTooLong { len: 256, .. })
+        ));
+        b.add(file(&"n".repeat(MAX_NAME_LEN), 1)).unwrap();
+        let mut hl = Entry::new("h", Kind::File);
+        hl.hardlink_target = Some(format!("{long}/x"));
+        assert!(matches!(b.add(hl), Err(TocError::NameTooLong { .. })));
+        // The error message does not carry a megabyte-long name.
+        let huge = "x".repeat(1 << 20);
+        let msg = b.add(file(&huge, 1)).unwrap_err().to_string();
+        assert!(msg.len() < 1000, "{} bytes", msg.len());
+        // Whiteouts of `.` and `..`.
+        for w in [".wh..", "d/.wh...", ".wh..."] {
+            assert!(
+                matches!(b.add(Entry::new(w, Kind::File)), Err(TocError::BadPath(_))),
+                "{w}"
+            );
+        }
+        // Symlink targets readlink could not return.
+        let mut sl = Entry::new("l", Kind::Symlink);
+        sl.link_target = Some("t".repeat(MAX_LINK_TARGET_LEN + 1));
+        assert!(matches!(b.add(sl), Err(TocError::LinkTargetTooLong { .. })));
+        // Chunks beyond the limits, checked before anything is allocated for them.
+        for (size, blob_len, inner) in [
+            (MAX_CHUNK_SIZE + 1, 10, 0),
+            (1 << 40, 10, 0),
+            (u64::MAX, 10, 0),
+            (10, MAX_UNIT_BYTES + 1, 0),
+            (10, 10, MAX_UNIT_BYTES),
+        ] {
+            let mut f = file("big", size);
+            f.chunks[0].blob_len = blob_len;
+            f.chunks[0].inner_offset = inner;
+            assert!(
+                matches!(b.add(f), Err(TocError::ChunkTooLarge { .. })),
+                "{size} {blob_len} {inner}"
+            );
+        }
+        let mut f = file("max", MAX_CHUNK_SIZE);
+        f.chunks[0].blob_len = MAX_UNIT_BYTES;
+        b.add(f).unwrap();
+    }
+
+    #[test]
+    fn one_chunk_digest_names_one_size() {
+        let d = Digest::sha256_of(b"twelve bytes");
+        let with = |path: &str, size: u64, digest: Digest| {
+            let mut e = file(path, size);
+            e.chunks[0].digest = Some(digest);
+            e
+        };
+        let mut b = LayerBuilder::new();
+        b.add(with("a", 12, d)).unwrap();
+        // The same content again (deduplicated files) is fine.
+        b.add(with("a2", 12, d)).unwrap();
+        for size in [4096, 5] {
+            let err = b.add(with("b", size, d)).unwrap_err();
+            assert!(
+                matches!(err, TocError::ChunkDigestConflict { size: s, other: 12, .. } if s == size),
+                "{err:?}"
+            );
+        }
+        let layer = b.build();
+        assert!(layer.resolve("b").is_none());
     }
 
     #[test]

@@ -563,10 +563,12 @@ async fn concurrent_opens_download_once() {
     }
 }
 
-/// eStargz layers still open lazily, with or without the TOC digest annotation, and leave
-/// nothing in the local store.
+/// eStargz layers open lazily when the manifest binds their TOC (the TOC digest annotation)
+/// and leave nothing but the saved TOC in the local store. Without the annotation nothing ties
+/// the TOC to the manifest, so it is never used, not even from a TOC saved by an older
+/// version: the layer is fetched whole and verified against the layer digest instead.
 #[tokio::test(flavor = "multi_thread")]
-async fn estargz_layers_still_open_lazily() {
+async fn estargz_layers_open_lazily_only_when_the_manifest_binds_their_toc() {
     let registry = TestRegistry::plain();
     let (tar, exp) = test_tar();
     let mut blob = Vec::new();
@@ -578,12 +580,13 @@ async fn estargz_layers_still_open_lazily() {
         ..WriterOptions::default()
     };
     estargz::write_estargz(&tar[..], &mut blob2, &opts2).unwrap();
+    let unbound = Digest::sha256_of(&blob2);
     let spec = ImageSpec::new(
         vec![
             Layer::new(blob)
                 .with_media_type(MEDIA_TYPE_OCI_LAYER_GZIP)
                 .with_annotation(TOC_DIGEST_ANNOTATION, &written.toc_digest.to_string()),
-            Layer::new(blob2).with_media_type(MEDIA_TYPE_OCI_LAYER_GZIP),
+            Layer::new(blob2.clone()).with_media_type(MEDIA_TYPE_OCI_LAYER_GZIP),
         ],
         "linux",
         "amd64",
@@ -598,25 +601,53 @@ async fn estargz_layers_still_open_lazily() {
     let cache = dirs.cache();
     let r = reference(&proxy.host(), "esgz/app");
     let descs = descriptors(&engine, &r).await;
+    // A TOC an older version saved for the unannotated layer (tagged format: magic, eStargz,
+    // version 1, start offset 0, then the blob's bytes): it must not be reused.
+    std::fs::create_dir_all(&dirs.local).unwrap();
+    let mut saved = b"LPTOC\0\x01\x01".to_vec();
+    saved.extend_from_slice(&0u64.to_le_bytes());
+    saved.extend_from_slice(&blob2);
+    std::fs::write(dirs.local.join(format!("{}.toc", unbound.hex())), saved).unwrap();
     for desc in &descs {
         let opened = open(&engine, &cache, &r, desc, &dirs.local).await.unwrap();
-        assert_eq!(opened.served, Served::Lazy, "{:?}", desc.annotations);
-        assert_eq!(opened.source.digest(), desc.digest);
-        assert_layer_matches(&opened, &exp).await;
         let whole = proxy.count(|q| {
             q.method == "GET" && q.path.contains(&desc.digest.to_string()) && q.range.is_none()
         });
-        assert_eq!(whole, 0, "a lazy layer is never downloaded whole");
+        if desc.digest == unbound {
+            match &opened.served {
+                Served::Local { reason, .. } => assert!(
+                    reason.contains("not bound to the manifest")
+                        && reason.contains(TOC_DIGEST_ANNOTATION),
+                    "{reason}"
+                ),
+                Served::Lazy => panic!("an unbound TOC was trusted"),
+            }
+            assert_eq!(whole, 1, "fetched whole, once");
+        } else {
+            assert_eq!(opened.served, Served::Lazy, "{:?}", desc.annotations);
+            assert_eq!(whole, 0, "a lazy layer is never downloaded whole");
+        }
+        assert_eq!(opened.source.digest(), desc.digest);
+        assert_layer_matches(&opened, &exp).await;
     }
     let first = open(&engine, &cache, &r, &descs[0], &dirs.local)
         .await
         .unwrap();
     assert_eq!(first.toc_digest, written.toc_digest);
-    // Only the saved TOCs (for restarts without the registry), no local copies.
+    // The bound layer's saved TOC and the unbound layer's local copy; the stale saved TOC of
+    // the unbound layer is gone.
+    let files = dirs.local_files();
     assert!(
-        dirs.local_files().iter().all(|f| f.ends_with(".toc")),
-        "{:?}",
-        dirs.local_files()
+        !files
+            .iter()
+            .any(|f| f.ends_with(&format!("{}.toc", unbound.hex()))),
+        "{files:?}"
+    );
+    assert!(
+        files
+            .iter()
+            .any(|f| f.ends_with(&format!("{}.toc", descs[0].digest.hex()))),
+        "{files:?}"
     );
 }
 

@@ -246,6 +246,47 @@ fn without_annotations(desc: &LayerDescriptor) -> LayerDescriptor {
     }
 }
 
+/// `desc` with only the annotations that bind the TOC (the compressed TOC's checksum, the TOC
+/// digest), as a tool that drops the position annotations would leave it.
+fn checksum_only(desc: &LayerDescriptor) -> LayerDescriptor {
+    LayerDescriptor {
+        annotations: desc
+            .annotations
+            .iter()
+            .filter(|(k, _)| k.contains("manifest-checksum") || k.ends_with("toc.digest"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        ..desc.clone()
+    }
+}
+
+/// Opens `desc` stripped of every annotation and checks that its TOC, which nothing ties to
+/// the manifest, was not trusted: the layer was fetched whole, verified, and serves the tar.
+async fn assert_unbound_is_fetched_whole(
+    engine: &FetchEngine,
+    r: &Reference,
+    desc: &LayerDescriptor,
+    exp: &Expected,
+) {
+    let dirs = Dirs::new();
+    let opened = open(
+        engine,
+        &dirs.cache(),
+        r,
+        &without_annotations(desc),
+        &dirs.local,
+    )
+    .await
+    .unwrap();
+    match &opened.served {
+        Served::Local { reason, .. } => {
+            assert!(reason.contains("not bound to the manifest"), "{reason}")
+        }
+        Served::Lazy => panic!("a TOC without a binding annotation was trusted"),
+    }
+    assert_layer_matches(&opened, exp).await;
+}
+
 /// Every file's bytes (whole and across chunk boundaries) and digest, attributes, links,
 /// whiteouts, opaque dirs and xattrs of the served layer equal the tar's.
 async fn assert_layer_matches(opened: &OpenedLayer, exp: &Expected) {
@@ -456,8 +497,9 @@ async fn our_writer_opens_lazily_and_restarts_without_the_registry() {
         .unwrap()
         .is_zstd_chunked());
 
-    // The same blob in a manifest without annotations: the footer finds the TOC.
-    let bare = without_annotations(&desc);
+    // The same blob with only the checksum annotation: the footer finds the TOC, the checksum
+    // binds it.
+    let bare = checksum_only(&desc);
     let dirs2 = Dirs::new();
     proxy.reset();
     let opened = open(&engine, &dirs2.cache(), &r, &bare, &dirs2.local)
@@ -558,11 +600,21 @@ async fn unusable_toc_falls_back_to_whole_fetch() {
             "annotations unusable",
         ),
         (
-            vec![(
-                zstd_chunked::MANIFEST_POSITION_ANNOTATION,
-                format!("{}:{}:1:1", written.blob_size - 5, 100),
-            )],
+            vec![
+                (
+                    zstd_chunked::MANIFEST_CHECKSUM_ANNOTATION,
+                    written.manifest_checksum.to_string(),
+                ),
+                (
+                    zstd_chunked::MANIFEST_POSITION_ANNOTATION,
+                    format!("{}:{}:1:1", written.blob_size - 5, 100),
+                ),
+            ],
             "does not fit",
+        ),
+        (
+            vec![(zstd_chunked::MANIFEST_POSITION_ANNOTATION, position.clone())],
+            "not bound to the manifest",
         ),
     ] {
         let desc = LayerDescriptor {
@@ -655,19 +707,21 @@ async fn skopeo_zstd_chunked_opens_lazily() {
         "never downloaded whole"
     );
 
-    // Without annotations: skopeo's 40-byte legacy footer.
+    // With the checksum only: skopeo's 40-byte legacy footer locates the TOC.
     let dirs2 = Dirs::new();
     let bare = open(
         &engine,
         &dirs2.cache(),
         &r,
-        &without_annotations(&desc),
+        &checksum_only(&desc),
         &dirs2.local,
     )
     .await
     .unwrap();
     assert_eq!(bare.served, Served::Lazy);
     assert_layer_matches(&bare, &exp).await;
+    // Without any annotation nothing binds the TOC: fetched whole.
+    assert_unbound_is_fetched_whole(&engine, &r, &desc, &exp).await;
 
     // The blob itself: a plain tar+zstd of exactly the source tar.
     let mut raw = Vec::new();
@@ -784,7 +838,8 @@ fn ctr_remote_zstdchunked_opens_lazily() {
             desc.media_type, desc.annotations
         );
         assert_eq!(desc.media_type, MEDIA_TYPE_OCI_LAYER_ZSTD);
-        for d in [desc.clone(), without_annotations(&desc)] {
+        assert_unbound_is_fetched_whole(&engine, &r, &desc, &exp).await;
+        for d in [desc.clone(), checksum_only(&desc)] {
             let dirs = Dirs::new();
             let opened = open(&engine, &dirs.cache(), &r, &d, &dirs.local)
                 .await

@@ -669,7 +669,7 @@ impl Source<'_> {
             Location::Registry(r) => {
                 let path = tmp.join(format!("{}.src", digest.hex()));
                 self.registry
-                    .download_blob(r, digest, &path, progress)
+                    .download_blob(r, digest, None, &path, progress)
                     .await?;
                 Ok((path, false))
             }

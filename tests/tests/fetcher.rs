@@ -213,7 +213,7 @@ async fn altered_blob_is_reported_and_nothing_kept() {
     let r = reference(&registry.host(), "alter/me");
     let dest = dir.path().join("blob");
     let err = reg
-        .download_blob(&r, &digest, &dest, &|_| {})
+        .download_blob(&r, &digest, None, &dest, &|_| {})
         .await
         .unwrap_err();
     assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
@@ -242,7 +242,7 @@ async fn altered_blob_is_reported_and_nothing_kept() {
     // Restored content downloads and verifies.
     std::fs::write(registry.blob_data_path(&digest), &data).unwrap();
     let n = reg
-        .download_blob(&r, &digest, &dest, &|_| {})
+        .download_blob(&r, &digest, None, &dest, &|_| {})
         .await
         .unwrap();
     assert_eq!(n, data.len() as u64);

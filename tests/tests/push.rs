@@ -114,7 +114,7 @@ async fn push_then_fetch_back() {
     // The layer comes back verified and equal.
     let out = work.path().join("back");
     let n = reg
-        .download_blob(&r, &layer_digest, &out, &|_| {})
+        .download_blob(&r, &layer_digest, None, &out, &|_| {})
         .await
         .unwrap();
     assert_eq!(n, layer.len() as u64);

@@ -308,8 +308,8 @@ pub fn open_toc(
         .and_then(|(a, b)| tail.get(a..b))
         .ok_or(EstargzError::NeedMore { from: toc_offset })?;
 
-    let tar_bytes = decompress_toc_member(member, toc_offset, cfg)?;
-    let json = toc_json_in_tar(&tar_bytes, toc_offset, cfg)?;
+    let json = read_toc_json(member, toc_offset, cfg)?;
+    let json = &json[..];
     let toc_digest = Digest::sha256_of(json);
     if let Some(expected) = expected_toc_digest {
         let mut v = Verifier::new(expected.algorithm());
@@ -323,7 +323,6 @@ pub fn open_toc(
         }
     }
     let converted = parse_toc_json(json, toc_offset, cfg)?;
-    drop(tar_bytes);
     let (layer, prefetch) = converted.build()?;
     Ok(OpenedToc {
         layer,
@@ -334,67 +333,53 @@ pub fn open_toc(
     })
 }
 
-/// Decompresses the TOC's gzip member, refusing to produce more than the JSON limit allows.
-fn decompress_toc_member(
-    member: &[u8],
-    offset: u64,
-    cfg: &ReaderConfig,
-) -> Result<Vec<u8>, EstargzError> {
+/// Reads the TOC JSON out of the TOC's gzip member, decompressing no more than the tar
+/// headers (at most [`TOC_TAR_SLACK`] bytes) and the JSON size the tar header declares (itself
+/// bounded by the limit): a member that would decompress to gigabytes is refused as soon as
+/// its header is read, not after.
+fn read_toc_json(member: &[u8], offset: u64, cfg: &ReaderConfig) -> Result<Vec<u8>, EstargzError> {
     if member.get(..2) != Some(&GZIP_MAGIC[..2]) {
         return Err(EstargzError::TocGzip {
             offset,
             detail: "member does not start with the gzip magic 1f 8b".into(),
         });
     }
-    let limit = cfg.max_toc_json_bytes.saturating_add(TOC_TAR_SLACK);
-    let mut out = Vec::new();
-    GzDecoder::new(member)
-        .take(limit.saturating_add(1))
-        .read_to_end(&mut out)
-        .map_err(|e| EstargzError::TocGzip {
-            offset,
-            detail: e.to_string(),
-        })?;
-    let got = out.len() as u64;
-    if got > limit {
-        return Err(EstargzError::TooLarge {
-            what: "decompressed TOC member",
-            size: got,
-            limit,
-        });
-    }
-    Ok(out)
-}
-
-/// Finds the `stargz.index.json` entry in the decompressed TOC member and returns its bytes,
-/// checking the size the tar header claims against what is actually there.
-fn toc_json_in_tar<'a>(
-    tar_bytes: &'a [u8],
-    offset: u64,
-    cfg: &ReaderConfig,
-) -> Result<&'a [u8], EstargzError> {
-    let bad = |detail: String| EstargzError::TocTar { offset, detail };
-    let mut archive = tar::Archive::new(tar_bytes);
-    let mut entries = archive.entries().map_err(|e| bad(e.to_string()))?;
-    let entry = match entries.next() {
-        None => return Err(bad("the member holds no tar entry".into())),
-        Some(Err(e)) => return Err(bad(e.to_string())),
-        Some(Ok(e)) => e,
+    let gzip_err = |e: std::io::Error| EstargzError::TocGzip {
+        offset,
+        detail: e.to_string(),
     };
-    let name = entry.path_bytes();
-    if &*name != TOC_TAR_NAME.as_bytes() {
-        return Err(bad(format!(
-            "first entry is named {:?}",
-            String::from_utf8_lossy(&name)
-        )));
-    }
-    if !entry.header().entry_type().is_file() {
-        return Err(bad(format!(
-            "entry has tar type {:?}, not a regular file",
-            entry.header().entry_type()
-        )));
-    }
-    let size = entry.size();
+    let bad = |detail: String| EstargzError::TocTar { offset, detail };
+    let mut dec = GzDecoder::new(member);
+    let mut head = Vec::new();
+    (&mut dec)
+        .take(TOC_TAR_SLACK)
+        .read_to_end(&mut head)
+        .map_err(gzip_err)?;
+    let (start, size) = {
+        let mut archive = tar::Archive::new(&head[..]);
+        let mut entries = archive.entries().map_err(|e| bad(e.to_string()))?;
+        let entry = match entries.next() {
+            None => return Err(bad("the member holds no tar entry".into())),
+            Some(Err(e)) => {
+                return Err(bad(format!(
+                    "{e} (the tar headers must fit in the first {TOC_TAR_SLACK} bytes)"
+                )))
+            }
+            Some(Ok(e)) => e,
+        };
+        let name = entry.path_bytes();
+        if &*name != TOC_TAR_NAME.as_bytes() {
+            let shown: String = String::from_utf8_lossy(&name).chars().take(200).collect();
+            return Err(bad(format!("first entry is named {shown:?}")));
+        }
+        if !entry.header().entry_type().is_file() {
+            return Err(bad(format!(
+                "entry has tar type {:?}, not a regular file",
+                entry.header().entry_type()
+            )));
+        }
+        (entry.raw_file_position(), entry.size())
+    };
     if size > cfg.max_toc_json_bytes {
         return Err(EstargzError::TooLarge {
             what: "TOC JSON",
@@ -402,20 +387,29 @@ fn toc_json_in_tar<'a>(
             limit: cfg.max_toc_json_bytes,
         });
     }
-    let start = entry.raw_file_position();
-    let available = (tar_bytes.len() as u64).saturating_sub(start);
-    start
-        .checked_add(size)
-        .and_then(|end| {
-            let s = usize::try_from(start).ok()?;
-            let e = usize::try_from(end).ok()?;
-            tar_bytes.get(s..e)
-        })
-        .ok_or_else(|| {
-            bad(format!(
-                "tar header claims {size} bytes of JSON but the member holds only {available} after the header"
-            ))
-        })
+    let short = |have: u64| {
+        bad(format!(
+            "tar header claims {size} bytes of JSON but the member holds only {have} after the header"
+        ))
+    };
+    // `start` lies within `head` (the header was parsed from it) and `size` is bounded above.
+    let start = usize::try_from(start).unwrap_or(usize::MAX).min(head.len());
+    let want = usize::try_from(size).map_err(|_| short(0))?;
+    let in_head = (head.len() - start).min(want);
+    let mut json = Vec::with_capacity(want);
+    json.extend_from_slice(&head[start..start + in_head]);
+    drop(head);
+    let rest = (want - in_head) as u64;
+    if rest > 0 {
+        (&mut dec)
+            .take(rest)
+            .read_to_end(&mut json)
+            .map_err(gzip_err)?;
+    }
+    if json.len() != want {
+        return Err(short(json.len() as u64));
+    }
+    Ok(json)
 }
 
 /// One TOC entry as JSON. Numbers are kept as [`Number`] so negative, fractional or huge
@@ -1176,12 +1170,13 @@ mod tests {
                 r#"{{"name":"h","type":"hardlink","linkName":"f"}},"#,
                 r#"{{"name":"f","type":"reg","size":10,"offset":100,"chunkSize":4,"chunkDigest":"{a}","digest":"{b}","mode":33261,"uid":5,"gid":6,"modtime":"2019-08-20T10:30:43Z"}},"#,
                 r#"{{"name":"f","type":"chunk","offset":100,"innerOffset":4,"chunkOffset":4,"chunkSize":4,"chunkDigest":"{a}"}},"#,
-                r#"{{"type":"chunk","offset":300,"chunkOffset":8,"chunkDigest":"{a}"}},"#,
+                r#"{{"type":"chunk","offset":300,"chunkOffset":8,"chunkDigest":"{c}"}},"#,
                 r#"{{"name":".prefetch.landmark","type":"reg","size":1,"offset":400,"chunkDigest":"{a}"}},"#,
-                r#"{{"name":"g","type":"reg","size":2,"offset":500,"digest":"{a}","xattrs":{{"user.k":"dmFs"}}}}"#
+                r#"{{"name":"g","type":"reg","size":2,"offset":500,"digest":"{c}","xattrs":{{"user.k":"dmFs"}}}}"#
             ),
             a = d(b"x"),
-            b = d(b"y")
+            b = d(b"y"),
+            c = d(b"z")
         ));
         let opened = open(&blob_with_toc(&json)).unwrap();
         let l = &opened.layer;
@@ -1364,7 +1359,22 @@ mod tests {
                     };
                     open_toc(&blob, 0, blob.len() as u64, None, &cfg)
                 }),
-                |e| matches!(e, EstargzError::TooLarge { what: "decompressed TOC member", .. }),
+                |e| matches!(e, EstargzError::TooLarge { what: "TOC JSON", .. }),
+            ),
+            (
+                "TOC member larger than its tar header says",
+                Box::new(|| {
+                    let mut h = tar::Header::new_ustar();
+                    h.set_path(TOC_TAR_NAME).unwrap();
+                    h.set_size(100);
+                    h.set_cksum();
+                    let mut data = h.as_bytes().to_vec();
+                    data.resize(64 << 20, b' ');
+                    let blob = blob_with_member(10, &gzip(&data));
+                    // Only the declared 100 bytes are decompressed: they are no JSON.
+                    open_toc(&blob, 0, blob.len() as u64, None, &ReaderConfig::default())
+                }),
+                |e| matches!(e, EstargzError::TocJson { .. }),
             ),
             (
                 "compressed TOC over limit",
@@ -1625,9 +1635,9 @@ mod tests {
             edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
             trunc in any::<usize>(),
         ) {
-            let x = d(b"x");
+            let (x, y) = (d(b"x"), d(b"y"));
             let json = toc(&format!(
-                r#"{{"name":"d/","type":"dir","mode":16877,"modtime":"2019-08-20T10:30:43Z"}},{{"name":"d/f","type":"reg","size":10,"offset":100,"chunkSize":6,"chunkDigest":"{x}","xattrs":{{"a":"Yg=="}}}},{{"name":"d/f","type":"chunk","offset":200,"chunkOffset":6,"chunkDigest":"{x}"}},{{"name":"l","type":"hardlink","linkName":"d/f"}},{{"name":"c","type":"char","devMajor":1,"devMinor":3}},{{"name":".prefetch.landmark","type":"reg","size":1,"offset":300,"chunkDigest":"{x}"}}"#
+                r#"{{"name":"d/","type":"dir","mode":16877,"modtime":"2019-08-20T10:30:43Z"}},{{"name":"d/f","type":"reg","size":10,"offset":100,"chunkSize":6,"chunkDigest":"{x}","xattrs":{{"a":"Yg=="}}}},{{"name":"d/f","type":"chunk","offset":200,"chunkOffset":6,"chunkDigest":"{y}"}},{{"name":"l","type":"hardlink","linkName":"d/f"}},{{"name":"c","type":"char","devMajor":1,"devMinor":3}},{{"name":".prefetch.landmark","type":"reg","size":1,"offset":300,"chunkDigest":"{x}"}}"#
             ));
             prop_assert!(open(&blob_with_toc(&json)).is_ok());
             let mut j = json.into_bytes();

@@ -154,6 +154,12 @@ impl TocHint {
         Ok(hint)
     }
 
+    /// Whether an annotation ties the TOC to the manifest (the compressed TOC's checksum or the
+    /// TOC JSON's digest). Without one, nothing the TOC says can be trusted.
+    pub fn is_bound(&self) -> bool {
+        self.manifest_checksum.is_some() || self.toc_digest.is_some()
+    }
+
     /// Whether the annotations mark the layer as zstd:chunked.
     pub fn is_zstd_chunked(&self) -> bool {
         self.toc.is_some() || self.manifest_checksum.is_some()
@@ -422,7 +428,7 @@ pub fn open_toc(
             });
         }
     }
-    let json = decompress_toc(compressed, toc.offset, cfg)?;
+    let json = decompress_toc(compressed, toc.offset, toc.uncompressed_len, cfg)?;
     let toc_digest = Digest::sha256_of(&json);
     if let Some(expected) = &hint.toc_digest {
         let mut v = Verifier::new(expected.algorithm());
@@ -453,10 +459,13 @@ pub fn open_toc(
     })
 }
 
-/// Decompresses the TOC, refusing to produce more than the JSON limit allows.
+/// Decompresses the TOC, refusing to produce more than its declared uncompressed length (or,
+/// when a writer left that 0, the JSON limit): a frame that would decompress to gigabytes
+/// stops right after the declared size.
 fn decompress_toc(
     compressed: &[u8],
     offset: u64,
+    declared: u64,
     cfg: &ReaderConfig,
 ) -> Result<Vec<u8>, ZstdChunkedError> {
     let bad = |detail: String| ZstdChunkedError::TocZstd { offset, detail };
@@ -465,7 +474,13 @@ fn decompress_toc(
             "it does not start with the zstd magic 28 b5 2f fd".into()
         ));
     }
-    let limit = cfg.max_toc_json_bytes;
+    let (limit, what) = match declared {
+        0 => (cfg.max_toc_json_bytes, "decompressed TOC"),
+        n => (
+            n.min(cfg.max_toc_json_bytes),
+            "decompressed TOC (beyond its declared uncompressed length)",
+        ),
+    };
     let mut out = Vec::new();
     let dec = zstd::stream::read::Decoder::with_buffer(compressed)
         .map_err(|e| bad(format!("zstd decoder: {e}")))?;
@@ -475,7 +490,7 @@ fn decompress_toc(
     let got = out.len() as u64;
     if got > limit {
         return Err(ZstdChunkedError::TooLarge {
-            what: "decompressed TOC",
+            what,
             size: got,
             limit,
         });
@@ -1375,14 +1390,16 @@ mod tests {
             {{"type":"dir","name":"./","mode":493,"modtime":"2026-11-23T17:23:35Z","accesstime":"0001-01-01T00:00:00Z","changetime":"0001-01-01T00:00:00Z"}},
             {{"type":"reg","name":"./etc/hostname","mode":420,"size":6,"modtime":"2026-11-23T17:23:35Z","digest":"{h}","offset":120,"endOffset":139}},
             {{"type":"reg","name":"./usr/bin/big","mode":420,"size":10,"digest":"{b}","offset":429,"endOffset":1000,"chunkSize":4,"chunkDigest":"{x}"}},
-            {{"type":"chunk","name":"./usr/bin/big","offset":600,"chunkSize":3,"chunkOffset":4,"chunkDigest":"{x}","chunkType":"zeros"}},
-            {{"type":"chunk","name":"./usr/bin/big","offset":700,"chunkSize":3,"chunkOffset":7,"chunkDigest":"{x}"}},
+            {{"type":"chunk","name":"./usr/bin/big","offset":600,"chunkSize":3,"chunkOffset":4,"chunkDigest":"{y}","chunkType":"zeros"}},
+            {{"type":"chunk","name":"./usr/bin/big","offset":700,"chunkSize":3,"chunkOffset":7,"chunkDigest":"{y}"}},
             {{"type":"hardlink","name":"./usr/bin/big2","linkName":"./usr/bin/big"}},
-            {{"type":"reg","name":"./last","size":1,"digest":"{x}","offset":3000}}
+            {{"type":"reg","name":"./last","size":1,"digest":"{z}","offset":3000}}
             ],"tarSplitDigest":"{t}"}}"#,
             h = d(b"hostname"),
             b = d(b"big"),
             x = d(b"x"),
+            y = d(b"y"),
+            z = d(b"z"),
             t = d(b"tar-split"),
         );
         let (blob, hint) = blob_with_toc(&json);
@@ -1427,9 +1444,10 @@ mod tests {
                 r#"{{"name":"f","type":"reg","size":8,"offset":100,"chunkSize":4,"chunkDigest":"{x}"}},"#,
                 r#"{{"name":"f","type":"chunk","offset":100,"innerOffset":4,"chunkOffset":4,"chunkDigest":"{x}"}},"#,
                 r#"{{"name":".prefetch.landmark","type":"reg","size":1,"offset":300,"chunkDigest":"{x}"}},"#,
-                r#"{{"name":"g","type":"reg","size":2,"offset":500,"digest":"{x}"}}"#
+                r#"{{"name":"g","type":"reg","size":2,"offset":500,"digest":"{y}"}}"#
             ),
-            x = x
+            x = x,
+            y = d(b"y")
         ));
         let (blob, hint) = blob_with_toc(&json);
         let o = open(&blob, &hint).unwrap();
@@ -1558,7 +1576,8 @@ mod tests {
             let toc = TocPosition {
                 offset: 108,
                 compressed_len: compressed.len() as u64,
-                uncompressed_len: 10,
+                // Unknown (0): only the reader's limit applies.
+                uncompressed_len: 0,
                 manifest_type: 1,
             };
             blob.extend_from_slice(&skippable(&compressed));
@@ -1656,7 +1675,14 @@ mod tests {
                     };
                     open_toc(&blob, 0, blob.len() as u64, &TocHint::default(), &cfg)
                 }),
-                |e| matches!(e, ZstdChunkedError::TooLarge { what: "decompressed TOC", .. }),
+                |e| matches!(
+                    e,
+                    ZstdChunkedError::TooLarge {
+                        what: "decompressed TOC (beyond its declared uncompressed length)",
+                        size: 2,
+                        limit: 1
+                    }
+                ),
             ),
             (
                 "TOC not zstd",
@@ -1960,9 +1986,9 @@ mod tests {
             edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
             trunc in any::<usize>(),
         ) {
-            let x = d(b"x");
+            let (x, y) = (d(b"x"), d(b"y"));
             let json = format!(
-                r#"{{"version":1,"entries":[{{"type":"dir","name":"./d/","mode":16877,"modtime":"2019-08-20T10:30:43Z","accesstime":"0001-01-01T00:00:00Z"}},{{"type":"reg","name":"./d/f","size":10,"offset":100,"endOffset":300,"chunkSize":6,"chunkDigest":"{x}","xattrs":{{"a":"Yg=="}}}},{{"type":"chunk","name":"./d/f","offset":200,"chunkOffset":6,"chunkSize":4,"chunkDigest":"{x}","chunkType":"zeros"}},{{"type":"hardlink","name":"l","linkName":"./d/f"}},{{"type":"char","name":"c","devMajor":1,"devMinor":3}}],"tarSplitDigest":"{x}","{PREFETCH_END_KEY}":150}}"#
+                r#"{{"version":1,"entries":[{{"type":"dir","name":"./d/","mode":16877,"modtime":"2019-08-20T10:30:43Z","accesstime":"0001-01-01T00:00:00Z"}},{{"type":"reg","name":"./d/f","size":10,"offset":100,"endOffset":300,"chunkSize":6,"chunkDigest":"{x}","xattrs":{{"a":"Yg=="}}}},{{"type":"chunk","name":"./d/f","offset":200,"chunkOffset":6,"chunkSize":4,"chunkDigest":"{y}","chunkType":"zeros"}},{{"type":"hardlink","name":"l","linkName":"./d/f"}},{{"type":"char","name":"c","devMajor":1,"devMinor":3}}],"tarSplitDigest":"{x}","{PREFETCH_END_KEY}":150}}"#
             );
             let (blob, hint) = blob_with_toc(&json);
             prop_assert!(open(&blob, &hint).is_ok());

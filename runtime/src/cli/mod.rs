@@ -443,7 +443,7 @@ pub async fn execute(cli: Cli, settings: Settings) -> Result<u8> {
             let reference: Reference = image.parse()?;
             let digest: Digest = digest.parse()?;
             let n = registry(s)
-                .download_blob(&reference, &digest, &output, &|_| {})
+                .download_blob(&reference, &digest, None, &output, &|_| {})
                 .await?;
             eprintln!(
                 "{digest}: {n} bytes verified, written to {}",

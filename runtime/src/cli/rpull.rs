@@ -626,7 +626,7 @@ async fn prepare_layer(
             .context("creating a temporary directory")?;
         let file = tmp.path().join("blob");
         registry
-            .download_blob(reference, &digest, &file, &|_| {})
+            .download_blob(reference, &digest, Some(layer.size()), &file, &|_| {})
             .await
             .context("downloading the layer")?;
         write_content(

@@ -7,7 +7,11 @@ use anyhow::{Context, Result};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 /// Stacks layer mounts (top first) read-only at `target`: overlayfs for several layers, a
-/// read-only bind mount for one.
+/// read-only bind mount for one. This is the inspection view (`lazypull mount`), so it is
+/// also `nosuid,nodev`: an image's set-user-ID binaries and device nodes must not become the
+/// host's. Container roots ([`mount_writable_stack`]) keep both: a container's set-id
+/// programs must work, and its devices are governed by the runtime spec and runc's device
+/// cgroup.
 pub fn mount_readonly_stack(top_first: &[PathBuf], target: &Path) -> Result<()> {
     if let [only] = top_first {
         mount(
@@ -22,7 +26,11 @@ pub fn mount_readonly_stack(top_first: &[PathBuf], target: &Path) -> Result<()> 
             None::<&str>,
             target,
             None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV,
             None::<&str>,
         )
         .with_context(|| format!("making {} read-only", target.display()))?;
@@ -33,7 +41,7 @@ pub fn mount_readonly_stack(top_first: &[PathBuf], target: &Path) -> Result<()> 
         Some("overlay"),
         target,
         Some("overlay"),
-        MsFlags::MS_RDONLY,
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some(opts.as_str()),
     )
     .with_context(|| format!("mounting overlayfs at {}", target.display()))

@@ -169,18 +169,24 @@ async fn check_lazy(state: &Shared, reference: &Reference, rec: &LayerRecord) ->
                 Ok((lazypull_fs::estargz::Footer::ExternalToc, _)) => {
                     bail!("eStargz with an external TOC is not read lazily")
                 }
-                Ok(_) => Ok(()),
+                // A TOC nothing ties to the manifest is never trusted (see `open_layer`).
+                Ok(_) => bail!(
+                    "eStargz layer without the {TOC_DIGEST_ANNOTATION} annotation: its TOC is not bound to the manifest"
+                ),
                 Err(_) => bail!("plain gzip layer (no eStargz TOC)"),
             }
         }
         LayerCompression::Zstd => {
-            if rec.annotations.keys().any(|k| k.contains("zstd-chunked")) {
+            let bound = lazypull_fs::zstd_chunked::TocHint::from_annotations(&rec.annotations)
+                .is_ok_and(|h| h.is_bound());
+            if bound {
                 return Ok(());
             }
             let tail = probe(lazypull_fs::zstd_chunked::FOOTER_PROBE_LEN).await?;
-            lazypull_fs::zstd_chunked::parse_footer(&tail)
-                .map(|_| ())
-                .map_err(|_| anyhow::anyhow!("plain zstd layer (no zstd:chunked TOC)"))
+            match lazypull_fs::zstd_chunked::parse_footer(&tail) {
+                Ok(_) => bail!("zstd:chunked layer without a manifest-checksum annotation: its TOC is not bound to the manifest"),
+                Err(_) => bail!("plain zstd layer (no zstd:chunked TOC)"),
+            }
         }
         LayerCompression::None => bail!("uncompressed tar layer (no TOC)"),
     }
