@@ -163,7 +163,9 @@ fn sha256_of_reader(mut r: impl Read) -> Digest {
         }
         h.update(&buf[..n]);
     }
-    format!("sha256:{}", hex::encode(h.finalize())).parse().unwrap()
+    format!("sha256:{}", hex::encode(h.finalize()))
+        .parse()
+        .unwrap()
 }
 
 /// A zstd skippable frame holding `payload`.
@@ -280,7 +282,10 @@ pub fn within<T: Send + 'static>(
 
 /// Runs `f` on its own thread and waits at most `secs` for it; `None` when it does not
 /// finish (the thread is left behind, blocked).
-pub fn try_within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+pub fn try_within<T: Send + 'static>(
+    secs: u64,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(f());
@@ -394,11 +399,7 @@ impl Control {
     /// Pushes the control image as `repo:v1`.
     pub async fn push(registry: &TestRegistry, repo: &str) -> Control {
         let content = lazypull_tests::random_bytes(150_000, 4242);
-        let tar = super::build_tar(vec![super::E::File(
-            "control.bin",
-            0o644,
-            content.clone(),
-        )]);
+        let tar = super::build_tar(vec![super::E::File("control.bin", 0o644, content.clone())]);
         let (layer, _) = super::estargz_layer(&tar, None);
         let (_, image) = push_layers(registry, repo, vec![layer]).await;
         Control { image, content }
@@ -423,10 +424,7 @@ impl Control {
 /// Asserts the daemon log shows no panic.
 pub fn assert_no_panic(lp: &Lazypull) {
     let log = lp.log();
-    assert!(
-        !log.contains("panicked"),
-        "the daemon panicked:\n{log}"
-    );
+    assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
 }
 
 /// SHA-256 hex of `data`.
