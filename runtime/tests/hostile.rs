@@ -662,17 +662,37 @@ async fn toc_bomb(zstd: bool) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mounts_are_nosuid_and_nodev() {
+    run_parts(vec![
+        (
+            "a: one layer (FUSE on the target)",
+            Box::pin(nosuid_nodev(false)),
+        ),
+        (
+            "b: two layers (overlayfs over FUSE layers)",
+            Box::pin(nosuid_nodev(true)),
+        ),
+    ])
+    .await;
+}
+
+async fn nosuid_nodev(two_layers: bool) {
     let registry = TestRegistry::plain();
-    let control = Control::push(&registry, "hostile/nodev-control").await;
+    let tag = if two_layers { "two" } else { "one" };
+    let control = Control::push(&registry, &format!("hostile/nodev-{tag}-control")).await;
     let su = random_bytes(10_000, 81);
-    let tar = build_tar(vec![
-        E::Dir("dev", 0o755),
-        E::Char("dev/zero", 1, 5),
-        E::Dir("bin", 0o755),
-        E::File("bin/su", 0o4755, su.clone()),
-    ]);
-    let (layer, _) = common::estargz_layer(&tar, None);
-    let (_, image) = push_layers(&registry, "hostile/nodev", vec![layer]).await;
+    let devices = vec![E::Dir("dev", 0o755), E::Char("dev/zero", 1, 5)];
+    let setuid = vec![E::Dir("bin", 0o755), E::File("bin/su", 0o4755, su.clone())];
+    let layers = if two_layers {
+        vec![
+            common::estargz_layer(&build_tar(devices), None).0,
+            common::estargz_layer(&build_tar(setuid), None).0,
+        ]
+    } else {
+        let mut all = devices;
+        all.extend(setuid);
+        vec![common::estargz_layer(&build_tar(all), None).0]
+    };
+    let (_, image) = push_layers(&registry, &format!("hostile/nodev-{tag}"), layers).await;
     let lp = daemon();
     let mnt = tempfile::tempdir().unwrap();
     blocking(|| {
@@ -696,11 +716,12 @@ async fn mounts_are_nosuid_and_nodev() {
         assert_reads(&lp, mnt.path(), "bin/su", &su);
 
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let root = lp.root.path().display().to_string();
         let target = mnt.path().display().to_string();
         let mut checked_target = false;
-        let mut fuse_layers = 0;
+        let mut fuse_mounts = 0;
         for line in mountinfo.lines() {
+            // Field 5 is the mount point, field 6 the per-mount options; the file system
+            // type follows the " - " separator.
             let fields: Vec<&str> = line.split_whitespace().collect();
             let mount_point = fields[4];
             let options: Vec<&str> = fields[5].split(',').collect();
@@ -710,7 +731,8 @@ async fn mounts_are_nosuid_and_nodev() {
                 .and_then(|t| t.split_whitespace().next())
                 .unwrap_or("");
             let is_target = mount_point == target;
-            let is_layer = fstype == "fuse.lazypull" && mount_point.starts_with(&root);
+            let is_layer = fstype == "fuse.lazypull"
+                && (is_target || Path::new(mount_point).starts_with(lp.root.path()));
             if is_target || is_layer {
                 for flag in ["nosuid", "nodev"] {
                     assert!(
@@ -719,13 +741,14 @@ async fn mounts_are_nosuid_and_nodev() {
                     );
                 }
                 checked_target |= is_target;
-                fuse_layers += usize::from(is_layer);
+                fuse_mounts += usize::from(is_layer);
             }
         }
         assert!(checked_target, "{target} is not in mountinfo");
+        let want = if two_layers { 2 } else { 1 };
         assert!(
-            fuse_layers >= 1,
-            "no fuse.lazypull layer mount under {root}"
+            fuse_mounts >= want,
+            "{fuse_mounts} fuse.lazypull mounts found, expected at least {want}"
         );
         assert_no_panic(&lp);
         control.assert_still_serving(&lp);
@@ -771,22 +794,25 @@ async fn overlong_names_are_refused_with_a_clear_error() {
     let control = Control::push(&registry, "hostile/overlong-control").await;
     let first = b"first sibling\n".to_vec();
     let last = b"last sibling\n".to_vec();
+    // A real tar entry (GNU long name), so the lazy path and a whole-layer fetch both meet it.
+    let long = format!("dir/{}", "n".repeat(5000));
     let tar = build_tar(vec![
         E::Dir("dir", 0o755),
         E::File("dir/a-first.txt", 0o644, first.clone()),
-        E::File("dir/placeholder", 0o644, b"named too long\n".to_vec()),
+        E::File(&long, 0o644, b"named too long\n".to_vec()),
         E::File("dir/z-last.txt", 0o644, last.clone()),
     ]);
-    let long = "n".repeat(5000);
-    let (blob, toc_digest) = rewrite_estargz_toc(&estargz_blob(&tar), |toc| {
-        toc_entry(toc, "dir/placeholder")["name"] = json!(format!("dir/{long}"));
-    });
-    let (_, image) = push_layers(
-        &registry,
-        "hostile/overlong",
-        vec![gzip_layer(blob, Some(&toc_digest))],
-    )
-    .await;
+    let (layer, _) = common::estargz_layer(&tar, None);
+    let toc: Value = serde_json::from_slice(&estargz_toc_json(&layer.data)).unwrap();
+    assert!(
+        toc["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == long.as_str()),
+        "the eStargz TOC lacks the long name"
+    );
+    let (_, image) = push_layers(&registry, "hostile/overlong", vec![layer]).await;
     let lp = daemon();
     let mnt = tempfile::tempdir().unwrap();
     blocking(|| {
