@@ -3,6 +3,8 @@
 //! itself (mounts and the mount server), also when a test fails.
 #![allow(dead_code)]
 
+pub mod hostile;
+
 use lazypull_fs::estargz::{write_estargz, WriterOptions};
 use lazypull_tests::{random_bytes, ImageSpec, Layer, PushedImage, TestRegistry};
 
