@@ -88,6 +88,17 @@ pub enum Error {
         /// Bytes expected (the manifest's size, or the response's own length).
         expected: u64,
     },
+    /// A range inside the size the manifest gives was refused as not satisfiable (416): the
+    /// registry holds fewer bytes of the blob than the manifest says.
+    #[error("registry {host} holds fewer bytes of {what} than the manifest says (bytes from {offset} are not satisfiable): the blob in the registry is truncated; push the image again")]
+    BlobTruncated {
+        /// Registry host.
+        host: String,
+        /// The object and range.
+        what: String,
+        /// Start of the refused range.
+        offset: u64,
+    },
     /// The response was malformed (short body, bad Content-Range, bad JSON...).
     #[error("invalid response from {host} for {what}: {detail}")]
     InvalidResponse {
@@ -175,7 +186,10 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::Unreachable { .. } | Error::Timeout { .. } | Error::Status { status: 500.., .. }
+            Error::Unreachable { .. }
+                | Error::Timeout { .. }
+                | Error::Truncated { .. }
+                | Error::Status { status: 500.., .. }
         )
     }
 }

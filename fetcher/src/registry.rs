@@ -492,7 +492,8 @@ impl Registry {
         self.retrying(reference.registry(), || async {
             let (resp, host) = self
                 .blob_get(reference, digest, Some((offset, len)))
-                .await?;
+                .await
+                .map_err(|a| truncated_on_416(a, &what, offset))?;
             let skip = match resp.status() {
                 StatusCode::PARTIAL_CONTENT => {
                     let start = resp
@@ -1137,6 +1138,27 @@ pub(crate) fn transport_error(e: reqwest::Error, host: &str, what: &str, attempt
             },
             None,
         )
+    }
+}
+
+/// A 416 answer to a range the caller took from the manifest's size: the registry's copy of
+/// the blob is shorter than the manifest says.
+fn truncated_on_416(a: Attempt, what: &str, offset: u64) -> Attempt {
+    match a {
+        Attempt::Fatal(Error::Status {
+            host, status: 416, ..
+        })
+        | Attempt::Retry(
+            Error::Status {
+                host, status: 416, ..
+            },
+            _,
+        ) => Attempt::Fatal(Error::BlobTruncated {
+            host,
+            what: what.to_string(),
+            offset,
+        }),
+        a => a,
     }
 }
 

@@ -437,7 +437,7 @@ pub fn split_path(path: &str) -> Result<Vec<&str>, TocError> {
 }
 
 /// A path cut to a length fit for an error message (a hostile name can be megabytes).
-fn shorten(path: &str) -> String {
+pub(crate) fn shorten(path: &str) -> String {
     if path.len() <= 300 {
         return path.to_string();
     }

@@ -10,6 +10,7 @@ mod cli;
 mod config;
 mod convert;
 mod daemon;
+mod report;
 mod runtime;
 mod spec;
 
@@ -55,7 +56,7 @@ fn main() -> ExitCode {
     match rt.block_on(cli::execute(cli, settings)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("lazypull: {e:#}");
+            eprintln!("lazypull: {}", crate::report::chain(&e));
             ExitCode::from(failure)
         }
     }

@@ -27,7 +27,7 @@ use super::{
     format_rfc3339, EstargzError, LANDMARK_CONTENTS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
     TOC_TAR_NAME,
 };
-use crate::toc::split_path;
+use crate::toc::{split_path, TocError};
 
 const BLOCK: u64 = 512;
 const COPY_BUF: usize = 64 * 1024;
@@ -538,11 +538,14 @@ fn prepare<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Prepared>, E
     let lossy = String::from_utf8_lossy(&raw_path).into_owned();
     let path = utf8(&lossy, "the path", &raw_path)?;
     let bad = |detail: String| EstargzError::BadInput {
-        path: lossy.clone(),
+        path: crate::toc::shorten(&lossy),
         detail,
     };
-    let parts = split_path(&path).map_err(|_| {
-        bad("the path is absolute, contains '..' or NUL; a layer must not escape its root".into())
+    let parts = split_path(&path).map_err(|e| match e {
+        TocError::BadPath(_) => bad(
+            "the path is absolute, contains '..' or NUL; a layer must not escape its root".into(),
+        ),
+        other => bad(other.to_string()),
     })?;
     let norm = parts.join("/");
     if norm == TOC_TAR_NAME || norm == PREFETCH_LANDMARK || norm == NO_PREFETCH_LANDMARK {

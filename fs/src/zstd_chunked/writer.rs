@@ -37,7 +37,7 @@ use super::{
     MANIFEST_TYPE_CRFS, SKIPPABLE_HEADER, SKIPPABLE_MAGIC,
 };
 use crate::estargz::{format_rfc3339, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME};
-use crate::toc::split_path;
+use crate::toc::{split_path, TocError};
 
 const BLOCK: u64 = 512;
 const COPY_BUF: usize = 64 * 1024;
@@ -1149,11 +1149,14 @@ fn describe<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Described, ZstdChu
     }
     let path = utf8(&lossy, "the path", &raw_path)?;
     let bad = |detail: String| ZstdChunkedError::BadInput {
-        path: lossy.clone(),
+        path: crate::toc::shorten(&lossy),
         detail,
     };
-    let parts = split_path(&path).map_err(|_| {
-        bad("the path is absolute, contains '..' or NUL; a layer must not escape its root".into())
+    let parts = split_path(&path).map_err(|e| match e {
+        TocError::BadPath(_) => bad(
+            "the path is absolute, contains '..' or NUL; a layer must not escape its root".into(),
+        ),
+        other => bad(other.to_string()),
     })?;
     let norm = parts.join("/");
     if norm == TOC_TAR_NAME || norm == PREFETCH_LANDMARK || norm == NO_PREFETCH_LANDMARK {

@@ -305,7 +305,7 @@ pub async fn execute(cli: Cli, settings: Settings) -> Result<u8> {
                 {
                     Ok(r) => println!("{}", r.message.unwrap_or_default()),
                     Err(e) => {
-                        eprintln!("lazypull: {e:#}");
+                        eprintln!("lazypull: {}", crate::report::chain(&e));
                         failed = true;
                     }
                 }
@@ -328,7 +328,7 @@ pub async fn execute(cli: Cli, settings: Settings) -> Result<u8> {
                 {
                     Ok(r) => println!("{}", r.message.unwrap_or_default()),
                     Err(e) => {
-                        eprintln!("lazypull: {e:#}");
+                        eprintln!("lazypull: {}", crate::report::chain(&e));
                         failed = true;
                     }
                 }
@@ -360,7 +360,7 @@ pub async fn execute(cli: Cli, settings: Settings) -> Result<u8> {
                 match call(s, &Request::Rmi { image, force }, false).await {
                     Ok(r) => println!("{}", r.message.unwrap_or_default()),
                     Err(e) => {
-                        eprintln!("lazypull: {e:#}");
+                        eprintln!("lazypull: {}", crate::report::chain(&e));
                         failed = true;
                     }
                 }

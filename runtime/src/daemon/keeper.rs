@@ -576,13 +576,13 @@ fn watch(keeper: std::sync::Weak<Keeper>) {
             let mut conn = k.conn.lock();
             if conn.incomplete && !conn.quitting && conn.generation == generation {
                 if let Err(e) = hand_over_all(&mut conn) {
-                    tracing::warn!(error = %format!("{e:#}"), "retrying in 1 s");
+                    tracing::warn!(error = %crate::report::chain(&e), "retrying in 1 s");
                 }
             }
             continue;
         }
         if let Err(e) = k.replace(generation) {
-            tracing::warn!(error = %format!("{e:#}"),
+            tracing::warn!(error = %crate::report::chain(&e),
                 "cannot replace the FUSE keeper; retrying in 1 s");
             std::thread::sleep(Duration::from_secs(1));
         }
@@ -684,7 +684,10 @@ mod tests {
         let err = k
             .put(Path::new("/mnt/big"), &"x".repeat(MAX_MSG), r.as_fd())
             .unwrap_err();
-        assert!(format!("{err:#}").contains("longer than"), "{err:#}");
+        assert!(
+            crate::report::chain(&err).contains("longer than"),
+            "{err:#}"
+        );
         drop(r);
         drop(k);
         // A new daemon finds both; the descriptor is the same pipe.

@@ -173,7 +173,7 @@ impl StoreLayers for DaemonStore {
             super::metrics::FALLBACKS
                 .with_label_values(&["layer_store"])
                 .inc();
-            format!("{e:#}")
+            crate::report::chain(&e)
         })
     }
 

@@ -113,7 +113,7 @@ pub async fn acquire_all(
                 &local_dir,
             )
             .await
-            .with_context(|| format!("layer {} ({})", d.digest, d.media_type))
+            .with_context(|| format!("opening a layer ({})", d.media_type))
         };
         tracing::Instrument::instrument(open, span)
     }))
@@ -127,7 +127,7 @@ pub async fn acquire_all(
             Ok(o) => o,
             Err(e) => {
                 super::metrics::count_open_failure(&e);
-                tracing::warn!(layer = %desc.digest, image = %reference, error = %format!("{e:#}"), "layer cannot be mounted");
+                tracing::warn!(layer = %desc.digest, image = %reference, error = %crate::report::chain(&e), "layer cannot be mounted");
                 failure.get_or_insert(e);
                 continue;
             }
@@ -181,7 +181,7 @@ pub async fn acquire_all(
                 let record = layers.iter().find(|l| l.digest == desc.digest.to_string());
                 let meta = super::keeper::Inherited::encode(offer, reference, record);
                 if let Err(e) = k.put(m.mountpoint(), &meta, device) {
-                    tracing::warn!(layer = %desc.digest, error = %format!("{e:#}"),
+                    tracing::warn!(layer = %desc.digest, error = %crate::report::chain(&e),
                         "the FUSE keeper does not hold this mount; a daemon restart would cut its users off");
                 }
             }

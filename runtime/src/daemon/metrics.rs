@@ -390,7 +390,10 @@ pub async fn serve(addr: SocketAddr, state: Shared) -> Result<()> {
                                         .body(Full::new(Bytes::from(text))),
                                     Err(e) => Response::builder()
                                         .status(StatusCode::INTERNAL_SERVER_ERROR)
-                                        .body(Full::new(Bytes::from(format!("{e:#}\n")))),
+                                        .body(Full::new(Bytes::from(format!(
+                                            "{}\n",
+                                            crate::report::chain(&e)
+                                        )))),
                                 }
                             };
                             resp

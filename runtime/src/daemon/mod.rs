@@ -71,7 +71,7 @@ fn inherit_mounts(keeper: &keeper::Keeper) -> HashMap<PathBuf, keeper::Inherited
     let kept = match keeper.list() {
         Ok(k) => k,
         Err(e) => {
-            tracing::warn!(error = %format!("{e:#}"), "cannot list the mounts the FUSE keeper holds");
+            tracing::warn!(error = %crate::report::chain(&e), "cannot list the mounts the FUSE keeper holds");
             return HashMap::new();
         }
     };
@@ -183,7 +183,7 @@ pub async fn serve(settings: Settings, registry: Registry, ready: impl FnOnce())
             Some(k)
         }
         Err(e) => {
-            tracing::warn!(error = %format!("{e:#}"),
+            tracing::warn!(error = %crate::report::chain(&e),
                 "no FUSE keeper: if this daemon dies, running containers lose their unread files");
             None
         }
@@ -275,7 +275,7 @@ pub async fn serve(settings: Settings, registry: Registry, ready: impl FnOnce())
                 let (state, stop_tx) = (state.clone(), stop_tx.clone());
                 tokio::spawn(async move {
                     if let Err(e) = handle(stream, &state, &stop_tx).await {
-                        tracing::debug!(error = %format!("{e:#}"), "client connection");
+                        tracing::debug!(error = %crate::report::chain(&e), "client connection");
                     }
                 });
             }
@@ -316,7 +316,7 @@ async fn restore(state: &Shared, old_mounts: Vec<MountRecord>) {
     for key in keys {
         let (ev, _rx) = mpsc::unbounded_channel();
         if let Err(e) = ensure_mounted(state, &key, &ev).await {
-            tracing::warn!(image = %key, error = %format!("{e:#}"), "image not restored; will retry when used");
+            tracing::warn!(image = %key, error = %crate::report::chain(&e), "image not restored; will retry when used");
         }
     }
     let mut st = state.lock().await;
@@ -336,12 +336,12 @@ async fn restore(state: &Shared, old_mounts: Vec<MountRecord>) {
                 st.mounts.insert(m.mountpoint.clone(), m);
             }
             Err(e) => {
-                tracing::warn!(mountpoint = %m.mountpoint.display(), error = %format!("{e:#}"), "image mount not restored")
+                tracing::warn!(mountpoint = %m.mountpoint.display(), error = %crate::report::chain(&e), "image mount not restored")
             }
         }
     }
     if let Err(e) = st.save_mounts() {
-        tracing::warn!(error = %format!("{e:#}"), "saving mounts");
+        tracing::warn!(error = %crate::report::chain(&e), "saving mounts");
     }
 }
 
@@ -364,7 +364,7 @@ async fn claim_inherited(state: &Shared) {
         match layers::acquire_all(state, &reference, std::slice::from_ref(&rec), &ev).await {
             Ok(_) => tracing::info!(layer = %rec.digest, image = %reference,
                 "kept a layer mount no image or snapshot names (a podman container's); it stays until the daemon stops"),
-            Err(e) => tracing::warn!(layer = %rec.digest, error = %format!("{e:#}"),
+            Err(e) => tracing::warn!(layer = %rec.digest, error = %crate::report::chain(&e),
                 "cannot reopen a layer the previous daemon had mounted"),
         }
     }
@@ -384,7 +384,7 @@ async fn shutdown(state: &Shared) {
     let mps: Vec<PathBuf> = st.mounts.keys().cloned().collect();
     for mp in mps {
         if let Err(e) = mounts::unmount(&mp) {
-            tracing::warn!(error = %format!("{e:#}"), "unmount at shutdown");
+            tracing::warn!(error = %crate::report::chain(&e), "unmount at shutdown");
         }
     }
     // Image mounts are remembered (mounts.json) and restored by the next daemon.
@@ -429,7 +429,7 @@ async fn handle(stream: UnixStream, state: &Shared, stop: &mpsc::Sender<()>) -> 
     let reply = match work.await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => Reply {
-            error: Some(format!("{e:#}")),
+            error: Some(crate::report::chain(&e)),
             ..Reply::default()
         },
         Err(e) => Reply {
@@ -708,7 +708,7 @@ async fn ensure_mounted(state: &Shared, key: &str, events: &Events) -> Result<()
         }
         Err(e) => {
             if let Some(entry) = st.images.get_mut(key) {
-                entry.unavailable = Some(format!("{e:#}"));
+                entry.unavailable = Some(crate::report::chain(&e));
             }
             Err(e)
         }

@@ -53,7 +53,7 @@ impl RemoteLayers for DaemonLayers {
             super::metrics::FALLBACKS
                 .with_label_values(&["snapshotter"])
                 .inc();
-            format!("{e:#}")
+            crate::report::chain(&e)
         })
     }
 
