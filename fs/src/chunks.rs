@@ -860,3 +860,122 @@ impl crate::fuse::ContentSource for LayerSource {
         LayerSource::backing_file(self, node)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::toc::{Entry, LayerBuilder};
+    use lazypull_fetcher::CacheConfig;
+    use std::time::Duration;
+
+    /// A layer of one file whose only chunk is the gzip member `member` of a local blob, the
+    /// chunk claiming `size` bytes with `digest`.
+    fn one_file_source(
+        dir: &std::path::Path,
+        member: &[u8],
+        size: u64,
+        digest: Digest,
+    ) -> (LayerSource, ChunkCache) {
+        let blob_path = dir.join("blob");
+        std::fs::write(&blob_path, member).unwrap();
+        let blob = BlobReader::local(&blob_path, Digest::sha256_of(member)).unwrap();
+        let cache = ChunkCache::open(dir.join("cache"), CacheConfig::default()).unwrap();
+        let mut e = Entry::new("f", Kind::File);
+        e.size = size;
+        e.chunks.push(Chunk {
+            file_offset: 0,
+            size,
+            blob_offset: 0,
+            blob_len: member.len() as u64,
+            inner_offset: 0,
+            digest: Some(digest),
+        });
+        let mut b = LayerBuilder::new();
+        b.add(e).unwrap();
+        let source = LayerSource::new(
+            Arc::new(b.build()),
+            blob,
+            cache.clone(),
+            Compression::Gzip,
+            SourceConfig::default(),
+            tokio::runtime::Handle::current(),
+        );
+        (source, cache)
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_loader_that_died_does_not_leave_readers_spinning() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = b"served after the dead loader".to_vec();
+        let d = Digest::sha256_of(&content);
+        let (source, _cache) =
+            one_file_source(dir.path(), &gzip(&content), content.len() as u64, d);
+        let f = source.layer().resolve("f").unwrap();
+        // A loader that panicked: its entry stays, its sender is gone, no result was sent.
+        let (tx, rx) = watch::channel(None);
+        source
+            .inner
+            .loading
+            .lock()
+            .insert((d, content.len() as u64), rx);
+        drop(tx);
+        // On its own task, so a reader that spins (never yields) cannot stall the timeout.
+        let reader = source.clone();
+        let read = tokio::spawn(async move { reader.read(f, 0, 4096, Priority::OnDemand).await });
+        let data = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("a reader spun on the dead loader's entry")
+            .unwrap()
+            .unwrap();
+        assert_eq!(&data[..], &content[..]);
+        assert!(source.inner.loading.lock().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_cached_chunk_of_another_size_is_never_sliced_into_a_reply() {
+        let dir = tempfile::tempdir().unwrap();
+        // The cache holds the verified 12 bytes of digest `d`; this layer claims `d` for a
+        // 4096-byte file (whose member really holds 4096 other bytes).
+        let twelve = b"twelve bytes".to_vec();
+        let d = Digest::sha256_of(&twelve);
+        let other = vec![7u8; 4096];
+        let (source, cache) = one_file_source(dir.path(), &gzip(&other), 4096, d);
+        cache.put(&d, &twelve).unwrap();
+        let f = source.layer().resolve("f").unwrap();
+        for (offset, len) in [(0, 4096), (0, 5), (100, 10)] {
+            let err = source
+                .read(f, offset, len, Priority::OnDemand)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ChunkError::SizeConflict {
+                        size: 4096,
+                        actual: 12,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert_eq!(err.errno(), libc::EIO);
+        }
+        // Passthrough is not offered the 12-byte file for the 4096-byte one either.
+        assert_eq!(source.backing_file(f), None);
+        // Without the conflicting entry, the chunk is fetched, fails its digest and is
+        // refused: the member's bytes are never served under another digest.
+        cache.remove(&d).unwrap();
+        let err = source
+            .read(f, 0, 4096, Priority::OnDemand)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ChunkError::Digest { .. }), "{err:?}");
+    }
+}
