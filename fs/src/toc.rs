@@ -46,6 +46,15 @@ pub const MAX_NAME_LEN: usize = 255;
 /// return more.
 pub const MAX_LINK_TARGET_LEN: usize = 4095;
 
+/// Longest extended attribute name, value and name list (Linux `XATTR_NAME_MAX`,
+/// `XATTR_SIZE_MAX`, `XATTR_LIST_MAX`): the kernel refuses larger ones, so a layer holding them
+/// could not be extracted either.
+pub const MAX_XATTR_NAME_LEN: usize = 255;
+/// See [`MAX_XATTR_NAME_LEN`].
+pub const MAX_XATTR_VALUE_LEN: usize = 64 << 10;
+/// See [`MAX_XATTR_NAME_LEN`].
+pub const MAX_XATTR_LIST_LEN: usize = 64 << 10;
+
 /// What a node is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -166,6 +175,14 @@ pub enum TocError {
         path: String,
         /// Length of its target.
         len: usize,
+    },
+    /// Extended attributes the kernel could not hold.
+    #[error("{path:?}: extended attributes beyond the kernel's limits ({detail})")]
+    BadXattrs {
+        /// The entry.
+        path: String,
+        /// Which limit.
+        detail: String,
     },
     /// A chunk (or the compressed unit it is read from) larger than the reader accepts.
     #[error("{path:?}: {what} of {size} bytes is larger than the {limit}-byte limit")]
@@ -533,6 +550,7 @@ impl LayerBuilder {
     /// extraction does), except that a directory replacing a directory keeps its children.
     pub fn add(&mut self, entry: Entry) -> Result<(), TocError> {
         let parts = split_path(&entry.path)?;
+        check_xattrs(&entry)?;
         let Some((last, parents)) = parts.split_last() else {
             // The root itself: take its attributes.
             if entry.kind == Kind::Dir {
@@ -791,6 +809,35 @@ impl LayerBuilder {
     }
 }
 
+fn check_xattrs(entry: &Entry) -> Result<(), TocError> {
+    let bad = |detail: String| TocError::BadXattrs {
+        path: shorten(&entry.path),
+        detail,
+    };
+    let mut list = 0usize;
+    for (name, value) in &entry.xattrs {
+        if name.is_empty() || name.len() > MAX_XATTR_NAME_LEN {
+            return Err(bad(format!(
+                "a name of {} bytes (1 to {MAX_XATTR_NAME_LEN} allowed)",
+                name.len()
+            )));
+        }
+        if value.len() > MAX_XATTR_VALUE_LEN {
+            return Err(bad(format!(
+                "a value of {} bytes (at most {MAX_XATTR_VALUE_LEN})",
+                value.len()
+            )));
+        }
+        list = list.saturating_add(name.len() + 1);
+    }
+    if list > MAX_XATTR_LIST_LEN {
+        return Err(bad(format!(
+            "a name list of {list} bytes (at most {MAX_XATTR_LIST_LEN})"
+        )));
+    }
+    Ok(())
+}
+
 fn check_chunks(entry: &Entry) -> Result<(), TocError> {
     let bad = |detail: String| TocError::BadChunks {
         path: entry.path.clone(),
@@ -993,6 +1040,19 @@ mod tests {
                 matches!(b.add(f), Err(TocError::ChunkTooLarge { .. })),
                 "{size} {blob_len} {inner}"
             );
+        }
+        // Extended attributes beyond the kernel's limits.
+        for xattrs in [
+            vec![("user.".to_string() + &"k".repeat(300), vec![1])],
+            vec![("user.k".to_string(), vec![0; MAX_XATTR_VALUE_LEN + 1])],
+            (0..5000)
+                .map(|i| (format!("user.attribute-{i:08}"), vec![]))
+                .collect(),
+            vec![(String::new(), vec![])],
+        ] {
+            let mut e = Entry::new("x", Kind::Dir);
+            e.xattrs = xattrs;
+            assert!(matches!(b.add(e), Err(TocError::BadXattrs { .. })));
         }
         let mut f = file("max", MAX_CHUNK_SIZE);
         f.chunks[0].blob_len = MAX_UNIT_BYTES;
