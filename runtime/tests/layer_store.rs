@@ -384,3 +384,70 @@ fn a_podman_container_keeps_its_unread_files_across_a_daemon_kill() {
     );
     let _ = podman.cmd(&["rm", "-f", "-t", "0", "survivor"]);
 }
+
+/// The store's `blob` file (what containers/storage reads to copy a layer elsewhere) serves only
+/// verified bytes: the whole blob is downloaded and checked against the layer digest on the
+/// first read, so a blob the registry altered (same size, TOC intact, so the lazy lookup still
+/// works) is refused with EIO instead of passed on.
+#[test]
+fn store_blob_file_serves_only_verified_bytes() {
+    use base64::Engine as _;
+    let registry = TestRegistry::plain();
+    let tar = build_tar(vec![
+        E::Dir("data", 0o755),
+        E::File(
+            "data/payload.bin",
+            0o644,
+            lazypull_tests::random_bytes(300_000, 41),
+        ),
+    ]);
+    let (layer, _) = estargz_layer(&tar, None);
+    let blob = layer.data.clone();
+    let digest = layer_digests(std::slice::from_ref(&layer)).remove(0);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(push(&registry, "store/blob-good", vec![layer.clone()]));
+    let altered_registry = TestRegistry::plain();
+    rt.block_on(push(&altered_registry, "store/blob-bad", vec![layer]));
+    drop(rt);
+    // Flip bytes inside the file data (the TOC at the end stays valid and bound).
+    let stored = altered_registry.blob_data_path(&digest.parse().unwrap());
+    let mut altered = std::fs::read(&stored).unwrap();
+    for b in &mut altered[1000..1100] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&stored, &altered).unwrap();
+
+    let store = StoreDir::new();
+    let store_path = store.path().display().to_string();
+    let lp = lazypull(&["--layer-store", &store_path, "--background-fill", "false"]);
+    lp.ok(&["ps"]);
+    assert!(store.mounted(), "store not mounted: {}", lp.log());
+    let blob_file = |image: &str| {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(image);
+        store.path().join(b64).join(&digest).join("blob")
+    };
+    // The altered one first: nothing verified of that digest exists yet.
+    let bad = blob_file(&format!("{}/store/blob-bad:v1", altered_registry.host()));
+    assert!(
+        std::fs::metadata(bad.parent().unwrap()).is_ok(),
+        "the altered image's layer lookup failed: {}",
+        lp.log()
+    );
+    match std::fs::read(&bad) {
+        Ok(data) => panic!(
+            "an altered blob was served ({} bytes, sha256 {})",
+            data.len(),
+            sha256_hex(&data)
+        ),
+        Err(err) => assert_eq!(err.raw_os_error(), Some(5), "{err}"),
+    }
+    // The same layer from the intact registry: downloaded, verified, served.
+    let good = blob_file(&format!("{}/store/blob-good:v1", registry.host()));
+    let read = std::fs::read(&good).unwrap_or_else(|e| panic!("{e}\n{}", lp.log()));
+    assert_eq!(sha256_hex(&read), sha256_hex(&blob), "blob file content");
+    assert!(
+        lp.log().contains("digest mismatch"),
+        "the log does not say why: {}",
+        lp.log()
+    );
+}

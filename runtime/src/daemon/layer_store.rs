@@ -6,6 +6,11 @@
 //! digest (what podman 4.3 asks for) or its TOC digest (what newer containers/storage asks
 //! for), and mounts it through the same path as the containerd snapshotter: only layers that
 //! can be read lazily, the others answer ENOENT and podman downloads them itself.
+//!
+//! A layer's `blob` file (read when containers/storage copies the layer elsewhere: `push`,
+//! `save`) is served from a verified local copy ([`blob_copy_path`]), downloaded whole on its
+//! first read: a byte range of a compressed blob cannot be checked against the layer digest,
+//! and unverified bytes are never served.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -47,6 +52,14 @@ type ResolvedLayers = (Instant, Arc<Vec<ImageLayer>>);
 pub struct DaemonStore {
     state: Shared,
     images: Mutex<HashMap<String, ResolvedLayers>>,
+    /// One download at a time per blob (concurrent reads of `blob` wait for it).
+    downloads: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Where the verified copy of a layer's compressed blob is kept for the store's `blob` file;
+/// removed with the layer's other local files.
+pub fn blob_copy_path(local_dir: &std::path::Path, layer: &Digest) -> std::path::PathBuf {
+    local_dir.join(format!("{}.blob", layer.hex()))
 }
 
 impl DaemonStore {
@@ -186,12 +199,49 @@ impl StoreLayers for DaemonStore {
     ) -> Result<Bytes, String> {
         let reference: Reference = image_ref.parse().map_err(|e| format!("{e}"))?;
         let digest: Digest = layer.blob_digest.parse().map_err(|e| format!("{e}"))?;
-        let engine = self.state.lock().await.engine.clone();
-        engine
-            .blob(&reference, digest, Some(layer.blob_size))
-            .read_at(offset, len, Priority::OnDemand)
+        let path = self
+            .verified_blob(&reference, &digest, layer.blob_size)
+            .await
+            .map_err(|e| crate::report::chain(&e))?;
+        let file = lazypull_fetcher::BlobReader::local(&path, digest)
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        file.read_at(offset, len, Priority::OnDemand)
             .await
             .map_err(|e| e.to_string())
+    }
+}
+
+impl DaemonStore {
+    /// The verified local copy of blob `digest`, downloaded (and checked against its size and
+    /// digest) on first use.
+    async fn verified_blob(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<std::path::PathBuf> {
+        let (engine, local_dir) = {
+            let st = self.state.lock().await;
+            (st.engine.clone(), st.settings.root.join("local"))
+        };
+        let path = blob_copy_path(&local_dir, digest);
+        if path.exists() {
+            return Ok(path);
+        }
+        let lock = self.downloads.lock().entry(*digest).or_default().clone();
+        let _guard = lock.lock().await;
+        if !path.exists() {
+            std::fs::create_dir_all(&local_dir)
+                .with_context(|| format!("creating {}", local_dir.display()))?;
+            tracing::info!(layer = %digest, size, "layer store: downloading the blob whole to serve it verified");
+            engine
+                .registry()
+                .download_blob(reference, digest, Some(size), &path, &|_| {})
+                .await
+                .context("downloading the layer's blob for the layer store")?;
+        }
+        self.downloads.lock().remove(digest);
+        Ok(path)
     }
 }
 
@@ -203,6 +253,7 @@ pub fn start(state: &Shared, settings: &Settings) -> Result<Option<LayerStore>> 
     let backend = Arc::new(DaemonStore {
         state: state.clone(),
         images: Mutex::new(HashMap::new()),
+        downloads: Mutex::new(HashMap::new()),
     });
     let store = LayerStore::mount(dir, backend, tokio::runtime::Handle::current())
         .with_context(|| format!("serving the layer store at {}", dir.display()))?;

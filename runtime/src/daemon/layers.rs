@@ -361,6 +361,7 @@ pub fn release_all(st: &mut State, layers: &[LayerRecord]) {
             let local_dir = st.settings.root.join("local");
             let _ = lazypull_fs::local::remove_local_copy(&local_dir, &d);
             let _ = std::fs::remove_file(lazypull_fs::open::saved_toc_path(&local_dir, &d));
+            let _ = std::fs::remove_file(super::layer_store::blob_copy_path(&local_dir, &d));
         }
     }
 }
