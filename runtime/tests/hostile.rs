@@ -62,6 +62,32 @@ fn daemon() -> Lazypull {
     lazypull(&["--background-fill", "false"])
 }
 
+/// A daemon that also serves its metrics, and the port they are on.
+fn daemon_with_metrics() -> (Lazypull, u16) {
+    let port = lazypull_tests::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    (
+        lazypull(&["--background-fill", "false", "--metrics-address", &addr]),
+        port,
+    )
+}
+
+/// The value of the sample of `name` whose labels include every `labels` pair (`key="v"`).
+fn metric(port: u16, name: &str, labels: &[&str]) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    // HTTP/1.0: a plain body, no chunked encoding to undo.
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    raw.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 /// Blocking work inside the multi-threaded test runtime.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
@@ -178,13 +204,22 @@ async fn unannotated_untampered() {
         vec![gzip_layer(estargz_blob(&tar), None)],
     )
     .await;
-    let lp = daemon();
+    let (lp, port) = daemon_with_metrics();
     let mnt = tempfile::tempdir().unwrap();
     blocking(|| {
         let _m = mount_ok(&lp, &image, mnt.path(), 60);
         assert_reads(&lp, mnt.path(), "hello.txt", &hello);
         assert_reads(&lp, mnt.path(), "etc/filler.bin", &filler);
         assert_log_contains(&lp, "not bound to the manifest");
+        assert_eq!(
+            metric(
+                port,
+                "lazypull_refused_tocs_total",
+                &[r#"cause="unbound""#, r#"format="estargz""#]
+            ),
+            Some(1.0),
+            "the refused TOC is not counted"
+        );
         control.assert_still_serving(&lp);
     });
 }
