@@ -166,6 +166,7 @@ fn assert_daemon_alive(lp: &Lazypull) {
 fn assert_peak_below(lp: &Lazypull, limit: u64) {
     let peak = daemon_peak_rss(lp);
     assert!(peak > 0, "no daemon to measure:\n{}", lp.log());
+    eprintln!("daemon peak RSS (VmHWM): {} MiB", peak / MIB);
     assert!(
         peak < limit,
         "daemon peak RSS (VmHWM) {} MiB, limit {} MiB\ndaemon log:\n{}",

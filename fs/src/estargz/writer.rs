@@ -545,6 +545,10 @@ fn prepare<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Prepared>, E
         TocError::BadPath(_) => bad(
             "the path is absolute, contains '..' or NUL; a layer must not escape its root".into(),
         ),
+        TocError::NameTooLong { len, .. } => bad(format!(
+            "a name of {len} bytes is longer than {} (NAME_MAX)",
+            crate::toc::MAX_NAME_LEN
+        )),
         other => bad(other.to_string()),
     })?;
     let norm = parts.join("/");

@@ -1156,6 +1156,10 @@ fn describe<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Described, ZstdChu
         TocError::BadPath(_) => bad(
             "the path is absolute, contains '..' or NUL; a layer must not escape its root".into(),
         ),
+        TocError::NameTooLong { len, .. } => bad(format!(
+            "a name of {len} bytes is longer than {} (NAME_MAX)",
+            crate::toc::MAX_NAME_LEN
+        )),
         other => bad(other.to_string()),
     })?;
     let norm = parts.join("/");
