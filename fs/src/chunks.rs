@@ -432,9 +432,18 @@ impl LayerSource {
             Lookup::Absent => None,
             Lookup::OnDisk => {
                 let cache = self.inner.cache.clone();
-                cpu(move || cache.get(&digest))
-                    .await?
-                    .map_err(|e| ChunkError::Cache(e.to_string()))?
+                match cpu(move || cache.get(&digest)).await? {
+                    Ok(data) => data,
+                    // A cache that cannot be read (disk error) costs a fetch, not the read.
+                    Err(e) => {
+                        cache_trouble(
+                            &layer,
+                            "reading a cached chunk failed; fetching it again",
+                            &e,
+                        );
+                        None
+                    }
+                }
             }
         };
         // The size was checked above, but the entry may have been replaced since.
@@ -480,9 +489,15 @@ impl LayerSource {
                 if !digest.matches(&data) {
                     return Ok(None);
                 }
-                cache
-                    .put(&digest, &data)
-                    .map_err(|e| ChunkError::Cache(e.to_string()))?;
+                // The bytes are verified: a cache that cannot keep them (disk full) costs a
+                // later refetch, never this read.
+                if let Err(e) = cache.put(&digest, &data) {
+                    cache_trouble(
+                        &layer,
+                        "a verified chunk could not be cached; serving it from memory",
+                        &e,
+                    );
+                }
                 Ok(Some(Bytes::from(data)))
             })
             .await?;
@@ -771,6 +786,21 @@ impl LayerSource {
             }));
         });
     }
+}
+
+/// Logs a cache failure that the data path works around, at most once per 10 seconds (a full
+/// disk fails every chunk), with how many were suppressed in between.
+fn cache_trouble(layer: &Digest, what: &str, e: &lazypull_fetcher::cache::CacheError) {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(10)) {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    *last = Some(std::time::Instant::now());
+    let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+    tracing::warn!(layer = %layer, error = %e, suppressed, "chunk cache: {what}");
 }
 
 /// Removes a chunk from the loading table when its load ends (or is cancelled).

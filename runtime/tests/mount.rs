@@ -9,7 +9,9 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{build_tar, lazypull, push_estargz, sample_base_layer, sample_top_layer, E};
+use common::{
+    build_tar, lazypull, push_estargz, sample_base_layer, sample_top_layer, sha256_hex, E,
+};
 use lazypull_tests::tree::{apply_layers, describe_tree, diff_trees};
 use lazypull_tests::{random_bytes, CountingProxy, TestRegistry};
 
@@ -510,4 +512,63 @@ async fn a_killed_keeper_is_replaced_and_holds_the_mounts_again() {
         "mounts left behind: {:?}",
         lp.mounts_under_root()
     );
+}
+
+/// A chunk cache on a full disk costs refetches, never a read: verified chunks that cannot be
+/// stored are served from memory, and the log says (once, not per chunk) why.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_succeed_when_the_cache_disk_is_full() {
+    let registry = TestRegistry::plain();
+    let big = random_bytes(6 << 20, 61);
+    let small = b"small file\n".to_vec();
+    let tar = build_tar(vec![
+        E::Dir("data", 0o755),
+        E::File("data/big.bin", 0o644, big.clone()),
+        E::File("data/small.txt", 0o644, small.clone()),
+    ]);
+    push_estargz(&registry, "lazy/fullcache", &[&tar]).await;
+    let mut lp = lazypull(&["--background-fill", "false"]);
+    // A 1 MiB cache filesystem, filled up before the daemon starts. It lives outside the root
+    // (the daemon detaches whatever is mounted under its root at start) and the root's cache
+    // directory points to it.
+    struct Tmpfs(tempfile::TempDir);
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(self.0.path(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let small_fs = Tmpfs(tempfile::tempdir().unwrap());
+    let cache = small_fs.0.path().to_path_buf();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &cache,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .expect("mounting a small tmpfs for the cache");
+    std::os::unix::fs::symlink(&cache, lp.root.path().join("cache")).unwrap();
+    let filler = std::fs::write(cache.join("filler"), vec![0u8; 2 << 20]);
+    assert!(filler.is_err(), "the 1 MiB cache filesystem took 2 MiB");
+    let mnt = tempfile::tempdir().unwrap();
+    let image = format!("{}/lazy/fullcache:v1", registry.host());
+    tokio::task::block_in_place(|| {
+        lp.mount(&image, mnt.path());
+        for _ in 0..2 {
+            let got = std::fs::read(mnt.path().join("data/big.bin"))
+                .unwrap_or_else(|e| panic!("read with a full cache: {e}\n{}", lp.log()));
+            assert_eq!(sha256_hex(&got), sha256_hex(&big));
+            assert_eq!(
+                std::fs::read(mnt.path().join("data/small.txt")).unwrap(),
+                small
+            );
+        }
+        let log = lp.log();
+        let warnings = log.matches("a verified chunk could not be cached").count();
+        assert!(
+            (1..=3).contains(&warnings),
+            "{warnings} cache warnings (expected one per 10 s):\n{log}"
+        );
+        lp.umount(mnt.path());
+    });
 }
