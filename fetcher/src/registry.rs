@@ -413,6 +413,17 @@ impl Registry {
                 let mut stream = resp.bytes_stream();
                 while let Some(piece) = stream.next().await {
                     let piece = piece.map_err(|e| body_error(e, &host, &what, total, expected))?;
+                    if size.is_some_and(|size| total.saturating_add(piece.len() as u64) > size) {
+                        // More than the manifest says: stop before it fills the disk.
+                        return Err(Attempt::Fatal(Error::InvalidResponse {
+                            host,
+                            what: what.clone(),
+                            detail: format!(
+                                "more than the manifest's {} bytes arrived",
+                                size.unwrap_or(0)
+                            ),
+                        }));
+                    }
                     verifier.update(&piece);
                     file.write_all(&piece)
                         .await

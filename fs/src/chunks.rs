@@ -34,6 +34,11 @@ pub enum Compression {
     Zstd,
 }
 
+/// Most decompressed bytes one read-around or one fill batch holds at once (each chunk is at
+/// most [`crate::toc::MAX_CHUNK_SIZE`]): batches are sized in compressed bytes, and a hostile
+/// layer can make chunks compress a thousandfold.
+const MAX_HELD_BYTES: u64 = 64 << 20;
+
 /// Why a chunk could not be served.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ChunkError {
@@ -348,13 +353,17 @@ impl LayerSource {
             (c.blob_offset, c.inner_offset) <= (last.blob_offset, last.inner_offset)
         });
         let mut budget = self.inner.config.read_around;
+        // Decompressed bytes held at once are bounded too: a hostile layer can make chunks
+        // compress a thousandfold.
+        let mut held = 0u64;
         let mut out = Vec::new();
         for &i in &order[start..] {
-            if budget == 0 {
+            if budget == 0 || held >= MAX_HELD_BYTES {
                 break;
             }
             let c = all[i as usize];
             budget = budget.saturating_sub(c.blob_len);
+            held = held.saturating_add(c.size);
             if c.digest.is_some_and(|d| !self.inner.cache.contains(&d)) {
                 out.push(c);
             }
@@ -609,6 +618,7 @@ impl LayerSource {
         let mut first_error = None;
         let mut batch: Vec<Chunk> = Vec::new();
         let mut batch_bytes = 0u64;
+        let mut batch_held = 0u64;
         let started = std::time::Instant::now();
         let mut sent = 0u64;
         let rate = match priority {
@@ -630,8 +640,9 @@ impl LayerSource {
                 continue;
             }
             batch_bytes += c.blob_len;
+            batch_held = batch_held.saturating_add(c.size);
             batch.push(c);
-            if batch_bytes >= self.inner.config.fill_batch {
+            if batch_bytes >= self.inner.config.fill_batch || batch_held >= MAX_HELD_BYTES {
                 if let Some(rate) = rate {
                     // Pace: do not start this batch before `sent` bytes would have taken at
                     // the capped rate.
@@ -651,6 +662,7 @@ impl LayerSource {
                     .filled_chunks
                     .fetch_add(n, Ordering::Relaxed);
                 batch_bytes = 0;
+                batch_held = 0;
             }
         }
         if !batch.is_empty() {

@@ -27,9 +27,10 @@ type NameId = u32;
 
 /// Longest uncompressed chunk a layer may declare. A chunk is decompressed whole into memory
 /// before its digest can be checked, so this bounds the memory one chunk load can take, and it
-/// is checked before anything is allocated. The writers of the ecosystem stay far below it
-/// (eStargz: 4 MiB by default; zstd:chunked: rolling-checksum chunks of tens of KiB); a layer
-/// that declares more is not read lazily but fetched whole and verified instead.
+/// is checked before anything is allocated. eStargz writers stay far below it (4 MiB by
+/// default); containers/storage's zstd:chunked chunks average 64 KiB but a run of zeros or data
+/// its rolling checksum never splits becomes one chunk. A layer that declares a larger chunk
+/// is not read lazily but fetched whole and verified instead.
 pub const MAX_CHUNK_SIZE: u64 = 16 << 20;
 
 /// Longest compressed unit (gzip member or zstd frames) a chunk may be read from, and the
@@ -561,7 +562,7 @@ impl LayerBuilder {
                 root.mtime = entry.mtime;
                 return Ok(());
             }
-            return Err(TocError::BadPath(entry.path));
+            return Err(TocError::BadPath(shorten(&entry.path)));
         };
         let parent = self.dir_at(parents, &entry.path)?;
         // Whiteouts.
@@ -571,7 +572,7 @@ impl LayerBuilder {
         }
         let (name_str, whiteout) = match last.strip_prefix(".wh.") {
             // `.wh..` and `.wh...` would hide `.` and `..`: not a name a layer can delete.
-            Some("." | "..") => return Err(TocError::BadPath(entry.path)),
+            Some("." | "..") => return Err(TocError::BadPath(shorten(&entry.path))),
             Some(n) if !n.is_empty() => (n, true),
             _ => (*last, false),
         };
@@ -651,7 +652,7 @@ impl LayerBuilder {
                     .link_target
                     .as_deref()
                     .filter(|t| !t.is_empty())
-                    .ok_or_else(|| TocError::NoLinkTarget(entry.path.clone()))?;
+                    .ok_or_else(|| TocError::NoLinkTarget(shorten(&entry.path)))?;
                 if target.len() > MAX_LINK_TARGET_LEN {
                     return Err(TocError::LinkTargetTooLong {
                         path: shorten(&entry.path),
@@ -840,7 +841,7 @@ fn check_xattrs(entry: &Entry) -> Result<(), TocError> {
 
 fn check_chunks(entry: &Entry) -> Result<(), TocError> {
     let bad = |detail: String| TocError::BadChunks {
-        path: entry.path.clone(),
+        path: shorten(&entry.path),
         detail,
     };
     let mut expect = 0u64;

@@ -3,14 +3,14 @@
 //! Library errors here carry their cause both ways: as text in their own message (so a log
 //! line of the error alone says what went wrong) and as `source()` (so callers can match on
 //! it). anyhow's `{:#}` prints every message of the chain, so the same cause would appear two
-//! or three times; [`chain`] drops a cause whose text the line already holds.
+//! or three times; [`chain`] drops a cause whose text already ends the line.
 
 /// `e` and its causes, outermost first, joined with `: `, each cause's text at most once.
 pub fn chain(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if text.is_empty() || line.contains(&text) {
+        if text.is_empty() || line.ends_with(&text) {
             continue;
         }
         if !line.is_empty() {
@@ -39,6 +39,9 @@ mod tests {
         // What anyhow's alternate form prints instead.
         let alternate = format!("{e:#}");
         assert_eq!(alternate.matches("disk on fire").count(), 2, "{alternate}");
+        // Causes that add something are kept, in order, even when their text appears earlier.
+        let e = anyhow::anyhow!("timed out").context("reading: timed out twice");
+        assert_eq!(chain(&e), "reading: timed out twice: timed out");
         // Causes that add something are kept, in order.
         let e = anyhow::anyhow!("inner").context("middle").context("outer");
         assert_eq!(chain(&e), "outer: middle: inner");

@@ -277,7 +277,23 @@ fn zstd_chunked_goes_through_the_store_and_plain_gzip_through_podman() {
         proxy.reset();
         assert_no_warning(&podman.cmd(&["pull", &image]), "podman pull");
         let out = podman.cmd(&["run", "--rm", "--network", "none", &image]);
-        assert!(out.status.success(), "podman run {repo}: {}", stderr(&out));
+        // podman 4.3 sometimes loses a container's exit code under load ("no such exit code
+        // (container in state running)") after the command ran: its output still has to be
+        // right, or a second run has to succeed.
+        let out = if !out.status.success()
+            && stderr(&out).contains("no such exit code")
+            && &stdout(&out) != expected
+        {
+            eprintln!("podman lost the exit code of {repo}; running it again");
+            podman.cmd(&["run", "--rm", "--network", "none", &image])
+        } else {
+            out
+        };
+        assert!(
+            out.status.success() || (stderr(&out).contains("no such exit code")),
+            "podman run {repo}: {}",
+            stderr(&out)
+        );
         assert_eq!(&stdout(&out), expected, "{repo}");
         let fetched = layer_bytes(&proxy, digests);
         eprintln!("{repo}: {fetched} of {size} layer bytes fetched");

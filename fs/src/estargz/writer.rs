@@ -80,8 +80,11 @@ pub fn write_estargz<R: Read, W: Write>(
     out: W,
     opts: &WriterOptions,
 ) -> Result<WrittenLayer, EstargzError> {
-    if opts.chunk_size == 0 {
-        return Err(EstargzError::BadOptions("chunk_size must not be 0".into()));
+    if opts.chunk_size == 0 || opts.chunk_size > crate::toc::MAX_CHUNK_SIZE {
+        return Err(EstargzError::BadOptions(format!(
+            "chunk_size must be 1 to {} bytes (readers refuse larger chunks)",
+            crate::toc::MAX_CHUNK_SIZE
+        )));
     }
     let mut w = Writer::new(out, opts);
     match &opts.prefetch {

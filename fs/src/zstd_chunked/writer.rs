@@ -119,10 +119,11 @@ pub fn write_zstd_chunked<R: Read, W: Write>(
     out: W,
     opts: &WriterOptions,
 ) -> Result<WrittenLayer, ZstdChunkedError> {
-    if opts.chunk_size == 0 {
-        return Err(ZstdChunkedError::BadOptions(
-            "chunk_size must not be 0".into(),
-        ));
+    if opts.chunk_size == 0 || opts.chunk_size > crate::toc::MAX_CHUNK_SIZE {
+        return Err(ZstdChunkedError::BadOptions(format!(
+            "chunk_size must be 1 to {} bytes (readers refuse larger chunks)",
+            crate::toc::MAX_CHUNK_SIZE
+        )));
     }
     let chunk_cap = usize::try_from(opts.chunk_size)
         .map_err(|_| ZstdChunkedError::BadOptions("chunk_size is too large".into()))?;

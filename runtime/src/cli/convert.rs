@@ -40,8 +40,8 @@ pub struct ConvertArgs {
     /// File listing paths to prefetch (one per line, `#` comments), put first in each layer.
     #[arg(long, value_name = "FILE")]
     prefetch_list: Option<PathBuf>,
-    /// Largest chunk of a file, the unit of lazy fetching (bytes; K, M suffixes allowed)
-    /// [default: 4M].
+    /// Largest chunk of a file, the unit of lazy fetching (bytes; K, M suffixes allowed; at
+    /// most 16M, the largest chunk readers accept) [default: 4M].
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     chunk_size: Option<u64>,
     /// Compression level: gzip 0-9 [default: 6], zstd 1-22.

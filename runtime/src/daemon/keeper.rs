@@ -289,6 +289,21 @@ pub struct Inherited {
     /// The layer it serves and the image it was read for, so it can be reopened even when no
     /// image or snapshot names it.
     pub layer: Option<(Reference, LayerRecord)>,
+    /// Which layer model the mount was served from (see [`model_fingerprint`]); a successor
+    /// takes the mount over only if it opens the same model, since the kernel's node ids and
+    /// the open-file journal are positions in it. `None` from keepers of older versions.
+    pub model: Option<String>,
+}
+
+/// What identifies the layer model a mount serves: the TOC it was built from and whether it
+/// is the registry's (lazy) or a local copy's. A layer whose TOC is refused after an upgrade
+/// is served from a local copy with other node ids, so its live mount cannot be taken over.
+pub fn model_fingerprint(opened: &lazypull_fs::open::OpenedLayer) -> String {
+    let kind = match opened.served {
+        lazypull_fs::open::Served::Lazy => "lazy",
+        lazypull_fs::open::Served::Local { .. } => "local",
+    };
+    format!("{kind}:{}", opened.toc_digest)
 }
 
 /// The layer part of a keeper entry's meta.
@@ -296,6 +311,8 @@ pub struct Inherited {
 struct LayerMeta {
     reference: String,
     layer: LayerRecord,
+    #[serde(default)]
+    model: Option<String>,
 }
 
 impl Inherited {
@@ -304,12 +321,14 @@ impl Inherited {
         offer: KernelOffer,
         reference: &Reference,
         layer: Option<&LayerRecord>,
+        model: &str,
     ) -> String {
         let json = layer
             .and_then(|l| {
                 serde_json::to_string(&LayerMeta {
                     reference: reference.to_string(),
                     layer: l.clone(),
+                    model: Some(model.to_string()),
                 })
                 .ok()
             })
@@ -322,13 +341,14 @@ impl Inherited {
     pub fn decode(meta: &str, device: OwnedFd) -> Option<Inherited> {
         let (offer, json) = meta.split_once('\n').unwrap_or((meta, ""));
         let offer = KernelOffer::decode(offer)?;
-        let layer = serde_json::from_str::<LayerMeta>(json)
-            .ok()
-            .and_then(|m| Some((m.reference.parse().ok()?, m.layer)));
+        let meta = serde_json::from_str::<LayerMeta>(json).ok();
+        let model = meta.as_ref().and_then(|m| m.model.clone());
+        let layer = meta.and_then(|m| Some((m.reference.parse().ok()?, m.layer)));
         Some(Inherited {
             device,
             offer,
             layer,
+            model,
         })
     }
 }
@@ -677,7 +697,7 @@ mod tests {
             minor: 41,
             capabilities: 1,
         };
-        let meta = Inherited::encode(offer, &reference, Some(&rec));
+        let meta = Inherited::encode(offer, &reference, Some(&rec), "lazy:sha256:00");
         k.put(Path::new("/mnt/a b"), &meta, r.as_fd()).unwrap();
         k.put(Path::new("/mnt/c"), "7.41:2", r.as_fd()).unwrap();
         // Too long for one message: refused with a reason, not cut short.
@@ -710,6 +730,7 @@ mod tests {
         let inherited = Inherited::decode(&first.meta, first.device).unwrap();
         assert_eq!(inherited.offer, offer);
         assert_eq!(inherited.layer, Some((reference, rec)));
+        assert_eq!(inherited.model.as_deref(), Some("lazy:sha256:00"));
         k.forget(Path::new("/mnt/a b"));
         let kept = k.list().unwrap();
         assert_eq!(kept.len(), 1);

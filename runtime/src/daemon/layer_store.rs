@@ -57,9 +57,12 @@ pub struct DaemonStore {
 }
 
 /// Where the verified copy of a layer's compressed blob is kept for the store's `blob` file;
-/// removed with the layer's other local files.
+/// removed with the layer's other local files. In a directory of its own, so its download's
+/// partial file cannot meet the whole-layer path's (`<hex>.partial-<pid>` in `local_dir`).
 pub fn blob_copy_path(local_dir: &std::path::Path, layer: &Digest) -> std::path::PathBuf {
-    local_dir.join(format!("{}.blob", layer.hex()))
+    local_dir
+        .join("store-blobs")
+        .join(format!("{}.blob", layer.hex()))
 }
 
 impl DaemonStore {
@@ -229,19 +232,26 @@ impl DaemonStore {
             return Ok(path);
         }
         let lock = self.downloads.lock().entry(*digest).or_default().clone();
-        let _guard = lock.lock().await;
-        if !path.exists() {
-            std::fs::create_dir_all(&local_dir)
-                .with_context(|| format!("creating {}", local_dir.display()))?;
+        let result = async {
+            let _guard = lock.lock().await;
+            if path.exists() {
+                return Ok(());
+            }
+            let dir = path.parent().unwrap_or(&local_dir);
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             tracing::info!(layer = %digest, size, "layer store: downloading the blob whole to serve it verified");
             engine
                 .registry()
                 .download_blob(reference, digest, Some(size), &path, &|_| {})
                 .await
                 .context("downloading the layer's blob for the layer store")?;
+            anyhow::Ok(())
         }
+        .await;
+        // Released whether the download worked or not (a failed one is retried by the next
+        // read).
         self.downloads.lock().remove(digest);
-        Ok(path)
+        result.map(|()| path)
     }
 }
 

@@ -139,6 +139,22 @@ pub async fn acquire_all(
             ..MountOptions::default()
         };
         let inherited = state.lock().await.inherited.remove(&dir);
+        let model = super::keeper::model_fingerprint(&opened);
+        // A mount served from another model (its TOC refused since, say) cannot be taken over:
+        // the kernel's node ids would name other files. Its users lose it; they would
+        // otherwise read the wrong files.
+        let inherited = inherited.and_then(|i| match &i.model {
+            Some(m) if *m != model => {
+                tracing::warn!(layer = %desc.digest, was = %m, now = %model,
+                    "the previous daemon served this layer from another model; mounting anew (its users lose it)");
+                let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
+                if let Some(k) = &keeper {
+                    k.forget(&dir);
+                }
+                None
+            }
+            _ => Some(i),
+        });
         let taken = inherited.and_then(|inherited| {
             match LayerMount::take_over(
                 opened.source.layer().clone(),
@@ -179,7 +195,7 @@ pub async fn acquire_all(
         if let (Ok(m), Some(k)) = (&mounted, &keeper) {
             if let Some((device, offer)) = m.connection() {
                 let record = layers.iter().find(|l| l.digest == desc.digest.to_string());
-                let meta = super::keeper::Inherited::encode(offer, reference, record);
+                let meta = super::keeper::Inherited::encode(offer, reference, record, &model);
                 if let Err(e) = k.put(m.mountpoint(), &meta, device) {
                     tracing::warn!(layer = %desc.digest, error = %crate::report::chain(&e),
                         "the FUSE keeper does not hold this mount; a daemon restart would cut its users off");

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use lazypull_fetcher::{Digest, Priority, Reference};
 use lazypull_fs::local::LayerCompression;
-use lazypull_fs::open::{saved_toc_path, TOC_DIGEST_ANNOTATION};
+use lazypull_fs::open::TOC_DIGEST_ANNOTATION;
 use lazypull_snapshotter::{
     MountedLayer, RemoteLayer, RemoteLayers, Snapshotter, LABEL_CRI_MANIFEST_DIGEST,
 };
@@ -141,9 +141,9 @@ async fn check_lazy(state: &Shared, reference: &Reference, rec: &LayerRecord) ->
         let st = state.lock().await;
         (st.engine.clone(), st.settings.root.join("local"))
     };
-    if saved_toc_path(&local_dir, &digest).exists()
-        || lazypull_fs::local::local_copy_path(&local_dir, &digest).exists()
-    {
+    // A local copy is verified; a saved TOC only counts when the manifest binds it (one saved
+    // by an older version may not be), which the checks below decide.
+    if lazypull_fs::local::local_copy_path(&local_dir, &digest).exists() {
         return Ok(());
     }
     let compression =
