@@ -454,6 +454,20 @@ pub fn split_path(path: &str) -> Result<Vec<&str>, TocError> {
     Ok(parts)
 }
 
+/// Why [`split_path`] refused a path, without repeating the path: for callers whose own error
+/// already names it (the writers' "input tar entry ..." errors).
+pub fn path_problem(e: &TocError) -> String {
+    match e {
+        TocError::BadPath(_) => {
+            "the path is absolute, contains '..' or NUL; a layer must not escape its root".into()
+        }
+        TocError::NameTooLong { len, .. } => {
+            format!("a name of {len} bytes is longer than {MAX_NAME_LEN} (NAME_MAX)")
+        }
+        other => other.to_string(),
+    }
+}
+
 /// A path cut to a length fit for an error message (a hostile name can be megabytes).
 pub(crate) fn shorten(path: &str) -> String {
     if path.len() <= 300 {

@@ -27,7 +27,7 @@ use super::{
     format_rfc3339, EstargzError, LANDMARK_CONTENTS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
     TOC_TAR_NAME,
 };
-use crate::toc::{split_path, TocError};
+use crate::toc::{path_problem, split_path};
 
 const BLOCK: u64 = 512;
 const COPY_BUF: usize = 64 * 1024;
@@ -544,16 +544,7 @@ fn prepare<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Prepared>, E
         path: crate::toc::shorten(&lossy),
         detail,
     };
-    let parts = split_path(&path).map_err(|e| match e {
-        TocError::BadPath(_) => bad(
-            "the path is absolute, contains '..' or NUL; a layer must not escape its root".into(),
-        ),
-        TocError::NameTooLong { len, .. } => bad(format!(
-            "a name of {len} bytes is longer than {} (NAME_MAX)",
-            crate::toc::MAX_NAME_LEN
-        )),
-        other => bad(other.to_string()),
-    })?;
+    let parts = split_path(&path).map_err(|e| bad(path_problem(&e)))?;
     let norm = parts.join("/");
     if norm == TOC_TAR_NAME || norm == PREFETCH_LANDMARK || norm == NO_PREFETCH_LANDMARK {
         // Converting an eStargz layer again: its TOC and landmark are replaced by new ones.
