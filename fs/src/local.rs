@@ -42,9 +42,12 @@ use crate::open::{LayerDescriptor, OpenError, OpenedLayer, Served};
 const ESTARGZ_EXT: &str = "estargz";
 /// Extension of the verified compressed blob kept between download and conversion.
 const DOWNLOAD_EXT: &str = "download";
-/// gzip level of the local copy: it is read from a local disk, never sent over a network, so
-/// conversion speed matters far more than its size.
-const LOCAL_GZIP_LEVEL: u32 = 1;
+/// gzip level of the local copy: 0, stored blocks. The copy is read from a local disk and never
+/// sent over a network, so speed matters far more than its size: on a 300 MB tar of shared
+/// libraries (zlib-rs backend), level 0 writes at 690 MB/s and reads at 815 MB/s, where level 1
+/// writes at 150 MB/s and reads at 255 MB/s and is 2.2x smaller. The copy then takes the tar's
+/// size on disk, as an unpacked snapshot does.
+const LOCAL_GZIP_LEVEL: u32 = 0;
 /// How often (in compressed input bytes) conversion progress is reported.
 const PROGRESS_EVERY: u64 = 4 << 20;
 
@@ -1080,13 +1083,21 @@ mod tests {
                 None => {
                     let (read, _) = result.unwrap();
                     assert_eq!(read, gz.len() as u64);
-                    // The same file a conversion of the finished download writes.
+                    // The same content a conversion of the finished download writes (stored
+                    // deflate blocks may be cut differently when the input comes in pieces).
                     let src = dir.path().join("whole.download");
                     std::fs::write(&src, &gz).unwrap();
                     let serial = dir.path().join("whole.estargz");
                     convert(&src, &serial, dir.path(), layer, None, None).unwrap();
                     let data = std::fs::read(&dest).unwrap();
-                    assert!(data == std::fs::read(&serial).unwrap());
+                    let inflate = |d: &[u8]| {
+                        let mut out = Vec::new();
+                        flate2::read::MultiGzDecoder::new(d)
+                            .read_to_end(&mut out)
+                            .unwrap();
+                        out
+                    };
+                    assert!(inflate(&data) == inflate(&std::fs::read(&serial).unwrap()));
                     estargz::open_toc(&data, 0, data.len() as u64, None, &ReaderConfig::default())
                         .unwrap();
                 }

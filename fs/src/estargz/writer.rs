@@ -143,6 +143,8 @@ impl<W: Write> Write for BlobSink<W> {
 }
 
 /// Between members (closed) or inside one (open).
+// One value per writer, moved between states: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Member<W: Write> {
     Closed(BlobSink<W>),
     Open(GzEncoder<BlobSink<W>>),
