@@ -138,7 +138,8 @@ pub struct SourceConfig {
     /// in the directory, read next by importers and loaders) fetched along with an on-demand
     /// read, so a workload of many small files pays few round trips.
     pub read_around: u64,
-    /// Compressed bytes per background-fill batch (issued together so they merge).
+    /// Compressed bytes per prefetch batch (issued together so they merge); background-fill
+    /// batches are at most half of [`crate::background::IN_FLIGHT`].
     pub fill_batch: u64,
     /// Cap of the background fill in compressed bytes per second (`None`: as fast as the
     /// connections allow; on-demand reads still go first).
@@ -462,6 +463,10 @@ impl LayerSource {
         }
         for attempt in 0..2 {
             let waited = std::time::Instant::now();
+            // A fetch a process waits on: the background fill leaves the link to it.
+            let on_demand = (priority == Priority::OnDemand
+                && self.inner.blob.local_path().is_none())
+            .then(crate::background::OnDemand::start);
             let compressed = self
                 .inner
                 .blob
@@ -474,8 +479,8 @@ impl LayerSource {
                 })?;
             if priority == Priority::OnDemand && self.inner.blob.local_path().is_none() {
                 crate::metrics::observe_network_wait(waited.elapsed().as_secs_f64());
-                crate::metrics::note_on_demand();
             }
+            drop(on_demand);
             self.inner
                 .stats
                 .fetched_chunks
@@ -604,6 +609,20 @@ impl LayerSource {
         }
     }
 
+    /// Fetches, at prefetch priority, the chunks of `files` in the order given (a recorded
+    /// profile: what the workload opened first comes first); within a batch, requests merge.
+    /// Nodes that are not regular files are skipped.
+    pub async fn prefetch_files(&self, files: &[NodeId]) -> Result<(), ChunkError> {
+        let mut seen = std::collections::HashSet::new();
+        let chunks: Vec<Chunk> = files
+            .iter()
+            .flat_map(|&f| self.inner.layer.chunks(f))
+            .filter(|c| seen.insert((c.blob_offset, c.inner_offset)))
+            .copied()
+            .collect();
+        self.fetch_in_batches(chunks, Priority::Prefetch).await
+    }
+
     async fn fill_range(&self, until: u64, priority: Priority) -> Result<(), ChunkError> {
         let mut chunks: Vec<Chunk> = self
             .inner
@@ -615,24 +634,36 @@ impl LayerSource {
             .collect();
         chunks.sort_by_key(|c| (c.blob_offset, c.inner_offset));
         chunks.dedup_by_key(|c| (c.blob_offset, c.inner_offset));
-        let mut first_error = None;
-        let mut batch: Vec<Chunk> = Vec::new();
-        let mut batch_bytes = 0u64;
-        let mut batch_held = 0u64;
-        let started = std::time::Instant::now();
-        let mut sent = 0u64;
-        let rate = match priority {
-            Priority::Background => self.inner.config.fill_rate.filter(|r| *r > 0),
-            _ => None,
+        self.fetch_in_batches(chunks, priority).await
+    }
+
+    /// Fetches `chunks` (those not cached), in the order given, in batches that merge into few
+    /// requests. A prefetch runs its batches one after another at full speed; a background
+    /// fill asks for its turn before each batch ([`crate::background::fill_turn`]: only while
+    /// nothing anyone waits on is being fetched, and a bounded number of bytes in flight
+    /// across the process) and keeps several batches in flight so it reaches line rate in the
+    /// gaps it is given.
+    async fn fetch_in_batches(
+        &self,
+        chunks: Vec<Chunk>,
+        priority: Priority,
+    ) -> Result<(), ChunkError> {
+        let background = priority == Priority::Background;
+        let (batch_limit, held_limit) = if background {
+            (
+                self.inner
+                    .config
+                    .fill_batch
+                    .min(crate::background::IN_FLIGHT / 2),
+                MAX_HELD_BYTES / 4,
+            )
+        } else {
+            (self.inner.config.fill_batch, MAX_HELD_BYTES)
         };
-        let flush = |batch: Vec<Chunk>| async move {
-            let results =
-                futures::future::join_all(batch.iter().map(|c| self.chunk(c, priority))).await;
-            results.into_iter().find_map(Result::err)
-        };
+        let mut batches: Vec<Vec<Chunk>> = Vec::new();
+        let (mut batch, mut batch_bytes, mut batch_held) = (Vec::new(), 0u64, 0u64);
         for c in chunks {
-            let cached = c.digest.is_some_and(|d| self.inner.cache.contains(&d));
-            if cached {
+            if c.digest.is_some_and(|d| self.inner.cache.contains(&d)) {
                 self.inner
                     .stats
                     .filled_chunks
@@ -642,43 +673,83 @@ impl LayerSource {
             batch_bytes += c.blob_len;
             batch_held = batch_held.saturating_add(c.size);
             batch.push(c);
-            if batch_bytes >= self.inner.config.fill_batch || batch_held >= MAX_HELD_BYTES {
-                if let Some(rate) = rate {
-                    // Pace: do not start this batch before `sent` bytes would have taken at
-                    // the capped rate.
-                    let due = std::time::Duration::from_secs_f64(sent as f64 / rate as f64);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        tokio::time::sleep(wait).await;
-                    }
-                }
-                sent += batch_bytes;
-                let n = batch.len() as u64;
-                if let Some(e) = flush(std::mem::take(&mut batch)).await {
-                    tracing::warn!(layer = %self.digest(), error = %e, "background fill: chunk failed");
-                    first_error.get_or_insert(e);
-                }
-                self.inner
-                    .stats
-                    .filled_chunks
-                    .fetch_add(n, Ordering::Relaxed);
-                batch_bytes = 0;
-                batch_held = 0;
+            if batch_bytes >= batch_limit || batch_held >= held_limit {
+                batches.push(std::mem::take(&mut batch));
+                (batch_bytes, batch_held) = (0, 0);
             }
         }
         if !batch.is_empty() {
-            let n = batch.len() as u64;
-            if let Some(e) = flush(batch).await {
+            batches.push(batch);
+        }
+        let rate = match priority {
+            Priority::Background => self.inner.config.fill_rate.filter(|r| *r > 0),
+            _ => None,
+        };
+        let started = std::time::Instant::now();
+        let mut sent = 0u64;
+        let mut first_error = None;
+        let mut note = |this: &LayerSource, n: usize, result: Result<(), ChunkError>| {
+            if let Err(e) = result {
+                tracing::warn!(layer = %this.digest(), error = %e, ?priority, "fill: chunk failed");
                 first_error.get_or_insert(e);
             }
-            self.inner
+            this.inner
                 .stats
                 .filled_chunks
-                .fetch_add(n, Ordering::Relaxed);
+                .fetch_add(n as u64, Ordering::Relaxed);
+        };
+        let mut running = tokio::task::JoinSet::new();
+        for batch in batches {
+            let bytes: u64 = batch.iter().map(|c| c.blob_len).sum();
+            if let Some(rate) = rate {
+                // Pace: do not start this batch before `sent` bytes would have taken at the
+                // capped rate.
+                let due = std::time::Duration::from_secs_f64(sent as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            sent += bytes;
+            if !background {
+                let result = self.fetch_batch(&batch, priority).await;
+                note(self, batch.len(), result);
+                continue;
+            }
+            let turn = crate::background::fill_turn(bytes).await;
+            while let Some(done) = running.try_join_next() {
+                if let Ok((n, result)) = done {
+                    note(self, n, result);
+                }
+            }
+            let this = self.clone();
+            running.spawn_on(
+                async move {
+                    let result = this.fetch_batch(&batch, priority).await;
+                    drop(turn);
+                    (batch.len(), result)
+                },
+                &self.inner.runtime,
+            );
+        }
+        while let Some(done) = running.join_next().await {
+            if let Ok((n, result)) = done {
+                note(self, n, result);
+            }
         }
         match first_error {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// Fetches one batch of chunks together (their spans merge); the first error, if any.
+    async fn fetch_batch(&self, batch: &[Chunk], priority: Priority) -> Result<(), ChunkError> {
+        let results =
+            futures::future::join_all(batch.iter().map(|c| self.chunk(c, priority))).await;
+        results
+            .into_iter()
+            .find_map(Result::err)
+            .map_or(Ok(()), Err)
     }
 
     /// Caches every chunk lying wholly inside `bytes` (blob bytes starting at `start`), e.g.

@@ -5,6 +5,8 @@
 //! - [`estargz`]: the eStargz reader (footer + TOC -> model) and writer.
 //! - [`zstd_chunked`]: the zstd:chunked reader (annotations or footer + TOC -> model) and
 //!   writer.
+//! - [`background`]: the background fill's share of the link (it yields to reads someone
+//!   waits on and to prefetches).
 //! - [`chunks`]: the data path: cache, fetch, decompress, verify; read-ahead, prefetch, fill.
 //! - [`fuse`]: the read-only FUSE filesystem of one layer (async reads, passthrough).
 //! - [`open`]: opening a registry layer: lazily (eStargz, zstd:chunked) or by a verified whole
@@ -13,6 +15,7 @@
 //!   breaking running containers).
 //! - [`local`]: the whole-fetch path: download, convert once to a local eStargz copy, serve.
 
+pub mod background;
 pub mod chunks;
 pub mod estargz;
 pub mod fuse;

@@ -119,23 +119,6 @@ pub fn observe_network_wait(secs: f64) {
 }
 
 /// When the last on-demand registry read finished, in milliseconds since [`EPOCH`].
-static LAST_ON_DEMAND_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-/// Notes that a process just waited on the registry: background work should yield.
-pub fn note_on_demand() {
-    let ms = EPOCH.elapsed().as_millis() as u64;
-    LAST_ON_DEMAND_MS.store(ms.max(1), std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Time since the last on-demand registry read (`None`: there was none yet).
-pub fn since_last_on_demand() -> Option<std::time::Duration> {
-    let last = LAST_ON_DEMAND_MS.load(std::sync::atomic::Ordering::Relaxed);
-    (last > 0).then(|| {
-        std::time::Duration::from_millis((EPOCH.elapsed().as_millis() as u64).saturating_sub(last))
-    })
-}
-
 /// `lazypull_refused_tocs_total{format, cause}`: TOCs that were not trusted for a lazy mount,
 /// so their layer was fetched whole and verified against the layer digest instead.
 static REFUSED_TOCS: LazyLock<IntCounterVec> = LazyLock::new(|| {

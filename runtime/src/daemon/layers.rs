@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use lazypull_fetcher::{Digest, Reference};
+use lazypull_fs::background;
 use lazypull_fs::chunks::{LayerSource, SourceConfig};
 use lazypull_fs::estargz::{Prefetch, ReaderConfig};
 use lazypull_fs::fuse::{LayerMount, MountOptions};
@@ -295,30 +296,11 @@ pub async fn acquire_all(
     })
 }
 
-/// How long on-demand reads must have been quiet before a background fill starts.
+/// How long on-demand reads must have been quiet before a layer's background fill starts:
+/// the start of a container is a burst of reads the fill should not enter (measured by
+/// run-bench: 1.2x instead of 5x faster than a full pull when the fill starts at mount). Once
+/// started, each fill batch still waits for reads and prefetches ([`lazypull_fs::background`]).
 const FILL_QUIET: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Prefetches running in this daemon, any layer: the background fill of one layer waits for
-/// every layer's prefetch, which is what the starting workload reads next (measured by the
-/// cold-start benchmark: a fill starting 2 s after mount took a sixth of the link from the
-/// other layers' prefetches of a python image).
-static PREFETCHING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Counts one running prefetch while it lives.
-struct PrefetchGuard;
-
-impl PrefetchGuard {
-    fn new() -> PrefetchGuard {
-        PREFETCHING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        PrefetchGuard
-    }
-}
-
-impl Drop for PrefetchGuard {
-    fn drop(&mut self) {
-        PREFETCHING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
 
 fn spawn_fill(
     source: LayerSource,
@@ -328,7 +310,7 @@ fn spawn_fill(
     tokio::spawn(async move {
         let digest = source.digest();
         if let Prefetch::Until { blob_offset } = prefetch {
-            let _counted = PrefetchGuard::new();
+            let _counted = background::Prefetching::start();
             if let Err(e) = source.prefetch(blob_offset).await {
                 tracing::warn!(layer = %digest, error = %e, "prefetch incomplete");
             }
@@ -336,20 +318,8 @@ fn spawn_fill(
         if !background_fill {
             return;
         }
-        // Start the fill only once the workload's on-demand reads have gone quiet: on a small
-        // machine the fill's downloads and decompression otherwise crowd out the reads a
-        // starting container waits on (measured by run-bench: 1.2x instead of 5x faster
-        // than a full pull when the fill starts at mount).
         tokio::time::sleep(FILL_QUIET).await;
-        loop {
-            match lazypull_fs::metrics::since_last_on_demand() {
-                Some(q) if q < FILL_QUIET => tokio::time::sleep(FILL_QUIET - q).await,
-                _ if PREFETCHING.load(std::sync::atomic::Ordering::SeqCst) > 0 => {
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await
-                }
-                _ => break,
-            }
-        }
+        background::wait_quiet(FILL_QUIET).await;
         match source.fill().await {
             Ok(()) => tracing::info!(layer = %digest, "layer fully cached"),
             Err(e) => tracing::warn!(layer = %digest, error = %e, "background fill incomplete"),
