@@ -572,3 +572,148 @@ async fn reads_succeed_when_the_cache_disk_is_full() {
         lp.umount(mnt.path());
     });
 }
+
+/// Waits until `path` exists and parses as JSON.
+fn wait_json(path: &Path, timeout: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = std::fs::read(path)
+            .ok()
+            .and_then(|d| serde_json::from_slice(&d).ok())
+        {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_start_is_learned_and_the_next_cold_start_prefetches_it() {
+    let mut registry = TestRegistry::plain();
+    let (first, second, never) = (
+        random_bytes(3 << 20, 21),
+        random_bytes(1 << 20, 22),
+        random_bytes(24 << 20, 23),
+    );
+    let tar = build_tar(vec![
+        E::Dir("data", 0o755),
+        E::File("data/never.bin", 0o644, never.clone()),
+        E::File("data/first.bin", 0o644, first.clone()),
+        E::File("data/second.bin", 0o644, second.clone()),
+    ]);
+    let (pushed, blobs) = push_estargz(&registry, "lazy/learned", &[&tar]).await;
+    let layer = lazypull_tests::Digest::sha256_of(&blobs[0]).to_string();
+    let proxy = CountingProxy::start(&registry.host());
+    let image = format!("{}/lazy/learned:v1", proxy.host());
+    let mut lp = lazypull(&["--background-fill", "false", "--fetch-timeout", "3"]);
+    let profile_path = lp
+        .root
+        .path()
+        .join("profiles")
+        .join(format!("{}.json", pushed.manifest_digest.hex()));
+
+    // The first start: read two files, in this order.
+    let mnt = tempfile::tempdir().unwrap();
+    tokio::task::block_in_place(|| {
+        lp.mount(&image, mnt.path());
+        assert_eq!(
+            std::fs::read(mnt.path().join("data/second.bin")).unwrap(),
+            second
+        );
+        assert_eq!(
+            std::fs::read(mnt.path().join("data/first.bin")).unwrap(),
+            first
+        );
+    });
+    let profile = tokio::task::block_in_place(|| wait_json(&profile_path, Duration::from_secs(20)));
+    let files: Vec<(&str, &str)> = profile["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["layer"].as_str().unwrap(), f["path"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        files,
+        [
+            (layer.as_str(), "data/second.bin"),
+            (layer.as_str(), "data/first.bin")
+        ],
+        "{profile}"
+    );
+    assert_eq!(profile["image"], pushed.manifest_digest.to_string());
+
+    // A profile only ever names files: entries the image does not have, or that try to leave
+    // the layer, are skipped, and the files it names are still verified when fetched.
+    let mut edited = profile.clone();
+    let bogus = [
+        serde_json::json!({"layer": layer, "path": "../../etc/passwd"}),
+        serde_json::json!({"layer": layer, "path": "data/missing.bin"}),
+        serde_json::json!({"layer": format!("sha256:{}", "0".repeat(64)), "path": "data/never.bin"}),
+    ];
+    let list = edited["files"].as_array_mut().unwrap();
+    for (i, b) in bogus.into_iter().enumerate() {
+        list.insert(i, b);
+    }
+    std::fs::write(&profile_path, serde_json::to_vec(&edited).unwrap()).unwrap();
+
+    // A cold start elsewhere in time: image removed, cache gone, new daemon, same root.
+    tokio::task::block_in_place(|| {
+        lp.umount(mnt.path());
+        lp.ok(&["rmi", &image]);
+        assert!(lp.shutdown(), "daemon did not stop:\n{}", lp.log());
+    });
+    std::fs::remove_dir_all(lp.root.path().join("cache")).unwrap();
+    let before = proxy.total_body_bytes();
+    let mnt = tempfile::tempdir().unwrap();
+    tokio::task::block_in_place(|| lp.mount(&image, mnt.path()));
+    // Nothing reads, yet the two files arrive.
+    let wanted = (first.len() + second.len()) as u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !lp.log().contains("profile prefetch done") {
+        assert!(
+            Instant::now() < deadline,
+            "no profile prefetch:\n{}",
+            lp.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fetched = proxy.total_body_bytes() - before;
+    assert!(
+        fetched >= wanted && fetched < wanted + (4 << 20),
+        "the prefetch fetched {fetched} bytes for {wanted} bytes of profiled files"
+    );
+    // With the registry gone, the profiled files read back exactly; the others cannot.
+    registry.kill();
+    drop(proxy);
+    tokio::task::block_in_place(|| {
+        assert_eq!(
+            std::fs::read(mnt.path().join("data/first.bin")).unwrap(),
+            first
+        );
+        assert_eq!(
+            std::fs::read(mnt.path().join("data/second.bin")).unwrap(),
+            second
+        );
+        let err = std::fs::read(mnt.path().join("data/never.bin")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+    });
+    // Without the terminal colours of the log's fields.
+    let log: String = lp
+        .log()
+        .split('\x1b')
+        .map(|part| match part.strip_prefix('[') {
+            Some(rest) => rest.split_once('m').map_or(rest, |(_, text)| text),
+            None => part,
+        })
+        .collect();
+    assert!(
+        log.contains("files=2 of=5"),
+        "the profile's bad entries were not skipped:\n{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}

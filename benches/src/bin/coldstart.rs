@@ -76,8 +76,8 @@ Usage: coldstart [--profile lan|wan|slow|all]... [--workload python|compiler|lar
                 hello.c), large (1 GiB, reads < 1%), tiny (busybox); repeat or `all`
                 (default all)
   --mode M      only these modes (repeatable): containerd, podman, podman-partial,
-                lazypull-gzip, lazypull-estargz, lazypull-prefetch, lazypull-zstd,
-                lazypull-rpull, podman-store (default all)
+                lazypull-gzip, lazypull-estargz, lazypull-prefetch, lazypull-learned,
+                lazypull-zstd, lazypull-rpull, podman-store (default all)
   --runs N      runs of each mode, each from a cold state (default 5); median, min, max
   --quick       one workload (python), one profile (wan), one run: the CI smoke test
   --out DIR     where the table and chart go (default target/bench)
@@ -553,19 +553,21 @@ enum Mode {
     LazyGzip,
     LazyEstargz,
     LazyPrefetch,
+    LazyLearned,
     LazyZstd,
     LazyRpull,
     PodmanStore,
 }
 
 impl Mode {
-    const ALL: [Mode; 9] = [
+    const ALL: [Mode; 10] = [
         Mode::Containerd,
         Mode::Podman,
         Mode::PodmanPartial,
         Mode::LazyGzip,
         Mode::LazyEstargz,
         Mode::LazyPrefetch,
+        Mode::LazyLearned,
         Mode::LazyZstd,
         Mode::LazyRpull,
         Mode::PodmanStore,
@@ -579,6 +581,7 @@ impl Mode {
             Mode::LazyGzip => "lazypull-gzip",
             Mode::LazyEstargz => "lazypull-estargz",
             Mode::LazyPrefetch => "lazypull-prefetch",
+            Mode::LazyLearned => "lazypull-learned",
             Mode::LazyZstd => "lazypull-zstd",
             Mode::LazyRpull => "lazypull-rpull",
             Mode::PodmanStore => "podman-store",
@@ -593,6 +596,7 @@ impl Mode {
             Mode::LazyGzip => "lazypull run (gzip: whole layers)",
             Mode::LazyEstargz => "lazypull run (eStargz)",
             Mode::LazyPrefetch => "lazypull run (eStargz + prefetch list)",
+            Mode::LazyLearned => "lazypull run (eStargz, profile learned by an earlier start)",
             Mode::LazyZstd => "lazypull run (zstd:chunked)",
             Mode::LazyRpull => {
                 "lazypull rpull + ctr run --snapshotter lazypull (eStargz + prefetch)"
@@ -605,7 +609,7 @@ impl Mode {
         match self {
             Mode::Containerd | Mode::Podman | Mode::LazyGzip => Format::Gzip,
             Mode::PodmanPartial | Mode::LazyZstd => Format::ZstdChunked,
-            Mode::LazyEstargz => Format::Estargz,
+            Mode::LazyEstargz | Mode::LazyLearned => Format::Estargz,
             Mode::LazyPrefetch | Mode::LazyRpull | Mode::PodmanStore => Format::EstargzPrefetch,
         }
     }
@@ -965,6 +969,18 @@ fn run_mode(
     let host = image.split('/').next().unwrap_or_default().to_string();
     // Set-up outside the timer: a fresh tool state, and the daemons a user keeps running.
     let (timed, logs, peak_rss) = match mode {
+        Mode::LazyLearned => {
+            let lp = Lazypull::new(bin, &[]);
+            learn_profile(&lp, image)?;
+            let mut run = lp.command();
+            run.args(["run", "--rm", image]);
+            let start = cold_start(counting);
+            let timed = run_timed(run, start, stderr.path(), || counting.total_body_bytes());
+            let rss = lp.daemon_pid().and_then(vm_hwm);
+            let log = tail(&lp.log(), 30);
+            lp.shutdown();
+            (timed?, log, rss)
+        }
         Mode::Containerd => {
             let c = TestContainerd::start();
             let pull = c.ctr_command(&["images", "pull", "--plain-http", image]);
@@ -1060,6 +1076,37 @@ fn run_mode(
         },
         timed.stdout,
     ))
+}
+
+/// An earlier start of `image` under `lp`'s root, outside the timer: it leaves the learned
+/// profile in `<root>/profiles` and nothing else (image removed, daemon stopped, chunk cache
+/// and local copies deleted), so the timed start is cold but for the profile.
+fn learn_profile(lp: &Lazypull, image: &str) -> Result<()> {
+    let out = lp.cmd(&["run", "--rm", image]);
+    if !out.status.success() {
+        bail!(
+            "the learning start of {image} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let profiles = lp.root.path().join("profiles");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(&profiles).map_or(true, |mut d| d.next().is_none()) {
+        if Instant::now() > deadline {
+            bail!(
+                "no profile was learned from the start of {image}:\n{}",
+                tail(&lp.log(), 20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    started(lp.cmd(&["rmi", image]), "removing the learned image")?;
+    lp.shutdown();
+    for dir in ["cache", "local"] {
+        let _ = std::fs::remove_dir_all(lp.root.path().join(dir));
+    }
+    Ok(())
 }
 
 /// Drops the page cache, zeroes the registry counters and starts the clock.

@@ -32,6 +32,18 @@ pub static FALLBACKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// `lazypull_profile_prefetches_total{outcome}`: pulls that prefetched what the image's last
+/// start read (`prefetched`), and starts recorded for the next pull (`learned`).
+pub static PROFILES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "lazypull_profiles_total",
+        "Learned prefetch profiles, by outcome (prefetched: a pull prefetched what the \
+         image's last start read; learned: a start was recorded for the next pull).",
+        &["outcome"]
+    )
+    .expect("metric registers once")
+});
+
 /// Most layers given their own `layer` label in fill-progress series (bounded cardinality).
 const MAX_LAYER_SERIES: usize = 256;
 
@@ -343,6 +355,7 @@ fn state_families(st: &State) -> Vec<MetricFamily> {
 /// The whole exposition, in the Prometheus text format.
 pub async fn render(state: &Shared) -> Result<String> {
     LazyLock::force(&FALLBACKS);
+    LazyLock::force(&PROFILES);
     let mut families = prometheus::gather();
     {
         let st = state.lock().await;

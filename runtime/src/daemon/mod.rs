@@ -14,6 +14,7 @@ mod layer_store; // podman / CRI-O additional layer store (issue 7)
 mod layers;
 pub mod metrics;
 pub mod mounts;
+mod profiles;
 mod snapshots; // containerd snapshotter (issue 6)
 pub mod store;
 
@@ -644,6 +645,8 @@ pub async fn pull(
     };
     if !unchanged {
         let summary = layers::acquire_all(state, &reference, &record.layers, events).await?;
+        let prefetch = state.lock().await.settings.prefetch;
+        profiles::spawn(state.clone(), record.clone(), prefetch);
         let mut st = state.lock().await;
         if let Some(old) = st.images.remove(&key) {
             if old.unavailable.is_none() {
