@@ -3,7 +3,7 @@
 //! The crate knows nothing of filesystems. It resolves image references to manifests, reads
 //! blobs (whole and by range) with authentication, retries and per-host configuration
 //! ([`registry::Registry`]), pushes blobs and manifests for `lazypull convert`
-//! ([`push`]), schedules ranged reads by priority with single-flight and merging
+//! ([`push`]), stores and finds artifacts next to an image ([`referrers`]), schedules ranged reads by priority with single-flight and merging
 //! ([`blob::FetchEngine`]), and stores verified chunks in a content-addressed on-disk cache
 //! ([`cache::ChunkCache`]).
 
@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod push;
 pub mod reference;
+pub mod referrers;
 pub mod registry;
 pub mod retry;
 

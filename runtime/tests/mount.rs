@@ -573,6 +573,19 @@ async fn reads_succeed_when_the_cache_disk_is_full() {
     });
 }
 
+/// Waits until the daemon's log says `what`.
+async fn wait_log(lp: &lazypull_tests::Lazypull, what: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !lp.log().contains(what) {
+        assert!(
+            Instant::now() < deadline,
+            "never logged {what:?}:\n{}",
+            lp.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until `path` exists and parses as JSON.
 fn wait_json(path: &Path, timeout: Duration) -> serde_json::Value {
     let deadline = Instant::now() + timeout;
@@ -647,6 +660,33 @@ async fn the_first_start_is_learned_and_the_next_cold_start_prefetches_it() {
     );
     assert_eq!(profile["image"], pushed.manifest_digest.to_string());
 
+    // The node shows it, and publishes it next to the image; a fresh node prefetches it
+    // without a read.
+    let shown = tokio::task::block_in_place(|| lp.ok(&["profile", "show", &image]));
+    assert_eq!(
+        shown,
+        format!("{layer} /data/second.bin\n{layer} /data/first.bin\n")
+    );
+    tokio::task::block_in_place(|| lp.ok(&["profile", "push", &image]));
+    let mut fresh = lazypull(&["--background-fill", "false", "--fetch-timeout", "3"]);
+    let fresh_mnt = tempfile::tempdir().unwrap();
+    let before = proxy.total_body_bytes();
+    tokio::task::block_in_place(|| fresh.mount(&image, fresh_mnt.path()));
+    let wanted = (first.len() + second.len()) as u64;
+    wait_log(&fresh, "profile prefetch done", Duration::from_secs(30)).await;
+    let fetched = proxy.total_body_bytes() - before;
+    assert!(
+        fetched >= wanted && fetched < wanted + (4 << 20),
+        "the fresh node fetched {fetched} bytes for {wanted} bytes of profiled files"
+    );
+    assert!(
+        fresh
+            .log()
+            .contains("found a prefetch profile published next to the image"),
+        "{}",
+        fresh.log()
+    );
+
     // A profile only ever names files: entries the image does not have, or that try to leave
     // the layer, are skipped, and the files it names are still verified when fetched.
     let mut edited = profile.clone();
@@ -672,16 +712,7 @@ async fn the_first_start_is_learned_and_the_next_cold_start_prefetches_it() {
     let mnt = tempfile::tempdir().unwrap();
     tokio::task::block_in_place(|| lp.mount(&image, mnt.path()));
     // Nothing reads, yet the two files arrive.
-    let wanted = (first.len() + second.len()) as u64;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !lp.log().contains("profile prefetch done") {
-        assert!(
-            Instant::now() < deadline,
-            "no profile prefetch:\n{}",
-            lp.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_log(&lp, "profile prefetch done", Duration::from_secs(30)).await;
     let fetched = proxy.total_body_bytes() - before;
     assert!(
         fetched >= wanted && fetched < wanted + (4 << 20),
@@ -701,6 +732,14 @@ async fn the_first_start_is_learned_and_the_next_cold_start_prefetches_it() {
         );
         let err = std::fs::read(mnt.path().join("data/never.bin")).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+        assert_eq!(
+            std::fs::read(fresh_mnt.path().join("data/first.bin")).unwrap(),
+            first
+        );
+        assert_eq!(
+            std::fs::read(fresh_mnt.path().join("data/second.bin")).unwrap(),
+            second
+        );
     });
     // Without the terminal colours of the log's fields.
     let log: String = lp

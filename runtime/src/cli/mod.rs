@@ -2,6 +2,7 @@
 
 mod convert;
 mod daemon_client;
+mod profile;
 mod rpull;
 mod run;
 
@@ -169,6 +170,10 @@ pub enum Command {
     },
     /// Rewrite an image's layers as eStargz (or zstd:chunked) and push it. Needs no daemon.
     Convert(Box<convert::ConvertArgs>),
+    /// Learned prefetch profiles: what an image's first start on this node read, prefetched
+    /// by its next cold start; `push` publishes one next to the image for every node.
+    #[command(subcommand)]
+    Profile(profile::ProfileCommand),
     /// Download one blob of an image's repository, verified against its digest. Needs no daemon.
     Fetch {
         /// Image reference naming the repository.
@@ -435,6 +440,7 @@ pub async fn execute(cli: Cli, settings: Settings) -> Result<u8> {
         }
         Command::Inspect { image, platform } => inspect(s, &image, platform.as_deref()).await?,
         Command::Convert(args) => return convert::run(s, *args).await,
+        Command::Profile(command) => profile::run(s, command).await?,
         Command::Fetch {
             image,
             digest,

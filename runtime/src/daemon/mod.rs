@@ -14,7 +14,7 @@ mod layer_store; // podman / CRI-O additional layer store (issue 7)
 mod layers;
 pub mod metrics;
 pub mod mounts;
-mod profiles;
+pub mod profiles;
 mod snapshots; // containerd snapshotter (issue 6)
 pub mod store;
 

@@ -14,6 +14,12 @@
 //! correctness; paths it names that a layer does not have are skipped, and its size is bounded.
 //! Keyed by manifest digest only: two different commands run from one image share a profile
 //! (the first one recorded).
+//!
+//! `lazypull profile push IMAGE` publishes a node's profile next to the image in its
+//! repository (an OCI artifact whose subject is the manifest, listed under the referrers tag
+//! `sha256-<hex>`; see [`lazypull_fetcher::referrers`]). A pull that has no local profile
+//! looks there, concurrently with the container's start, keeps what it finds, and prefetches
+//! it: a fresh node starts with what another node learned.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -28,6 +34,8 @@ use super::Shared;
 
 /// The profile format this daemon writes and reads.
 const VERSION: u32 = 1;
+/// Artifact type (and content media type) of a profile published next to its image.
+pub const ARTIFACT_TYPE: &str = "application/vnd.lazypull.profile.v1+json";
 /// How long after a pull the start is watched and the profile updated.
 const LEARN_FOR: Duration = Duration::from_secs(60);
 /// How long on-demand reads must have been quiet for the files opened so far to be saved.
@@ -80,16 +88,9 @@ pub fn load(root: &Path, image: &Digest) -> Option<Profile> {
             path.display()
         );
         let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let p: Profile = serde_json::from_slice(&data)
-            .with_context(|| format!("{} is not a profile", path.display()))?;
-        anyhow::ensure!(
-            p.version == VERSION && p.image == image.to_string(),
-            "{} is a profile of version {} for {}, not version {VERSION} for {image}",
-            path.display(),
-            p.version,
-            p.image
-        );
-        Ok(Some(p))
+        parse(&data, image)
+            .with_context(|| format!("{}", path.display()))
+            .map(Some)
     };
     match read() {
         Ok(p) => p,
@@ -99,6 +100,18 @@ pub fn load(root: &Path, image: &Digest) -> Option<Profile> {
             None
         }
     }
+}
+
+/// Parses a profile and checks that it is one for `image`.
+pub fn parse(data: &[u8], image: &Digest) -> Result<Profile> {
+    let p: Profile = serde_json::from_slice(data).context("not a lazypull profile")?;
+    anyhow::ensure!(
+        p.version == VERSION && p.image == image.to_string(),
+        "a profile of version {} for {}, not version {VERSION} for {image}",
+        p.version,
+        p.image
+    );
+    Ok(p)
 }
 
 /// Saves `profile` atomically.
@@ -148,13 +161,60 @@ pub fn spawn(state: Shared, record: ImageRecord, prefetch: bool) {
         return;
     };
     tokio::spawn(async move {
-        let root = state.lock().await.settings.root.clone();
-        match load(&root, &image) {
+        let (root, engine) = {
+            let st = state.lock().await;
+            (st.settings.root.clone(), st.engine.clone())
+        };
+        let profile = match load(&root, &image) {
+            Some(p) => Some(p),
+            None => published(&engine, &root, &record, &image).await,
+        };
+        match profile {
             Some(profile) if prefetch => prefetch_profile(&state, &record, &profile).await,
             Some(_) => {}
             None => learn(&state, &root, &image, &record).await,
         }
     });
+}
+
+/// The profile published next to the image in its repository (`lazypull profile push`), kept
+/// locally once found; `None` when there is none or it cannot be used (logged).
+async fn published(
+    engine: &lazypull_fetcher::FetchEngine,
+    root: &Path,
+    record: &ImageRecord,
+    image: &Digest,
+) -> Option<Profile> {
+    let reference: lazypull_fetcher::Reference = record.reference.parse().ok()?;
+    let found = engine
+        .registry()
+        .find_artifact(&reference, image, ARTIFACT_TYPE, MAX_FILE_BYTES)
+        .await;
+    let data = match found {
+        Ok(Some(data)) => data,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(image = %record.reference, error = %crate::report::chain(&e.into()),
+                "cannot read the image's published prefetch profile; learning one instead");
+            return None;
+        }
+    };
+    match parse(&data, image) {
+        Ok(p) => {
+            tracing::info!(image = %record.reference, files = p.files.len(),
+                "found a prefetch profile published next to the image");
+            if let Err(e) = save(root, image, &p) {
+                tracing::warn!(image = %record.reference, error = %crate::report::chain(&e),
+                    "cannot keep the published prefetch profile");
+            }
+            Some(p)
+        }
+        Err(e) => {
+            tracing::warn!(image = %record.reference, error = %crate::report::chain(&e),
+                "ignoring the image's published prefetch profile");
+            None
+        }
+    }
 }
 
 /// Prefetches the profile's files, each layer's in the recorded order, layers in parallel.
