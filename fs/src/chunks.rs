@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
@@ -173,6 +173,9 @@ struct Inner {
     runtime: tokio::runtime::Handle,
     /// Chunk indices (into `layer.all_chunks()`) in blob order, for read-around.
     blob_order: Vec<u32>,
+    /// Profile prefetches running on this layer: while one runs, it says what the workload
+    /// reads, and read-around's guesses would only compete with it for the link.
+    guided: AtomicUsize,
     /// Chunks being loaded: later readers of the same chunk wait for the first one's result
     /// instead of fetching overlapping ranges again. Keyed by digest and size, so a chunk that
     /// claims another chunk's digest with a different size never receives its bytes.
@@ -240,6 +243,7 @@ impl LayerSource {
                 stats: SourceStats::default(),
                 runtime,
                 blob_order,
+                guided: AtomicUsize::new(0),
                 loading: parking_lot::Mutex::new(HashMap::new()),
             }),
         }
@@ -353,6 +357,9 @@ impl LayerSource {
             let c = &all[i as usize];
             (c.blob_offset, c.inner_offset) <= (last.blob_offset, last.inner_offset)
         });
+        if self.inner.guided.load(Ordering::Relaxed) > 0 {
+            return Vec::new();
+        }
         let mut budget = self.inner.config.read_around;
         // Decompressed bytes held at once are bounded too: a hostile layer can make chunks
         // compress a thousandfold.
@@ -611,8 +618,17 @@ impl LayerSource {
 
     /// Fetches, at prefetch priority, the chunks of `files` in the order given (a recorded
     /// profile: what the workload opened first comes first); within a batch, requests merge.
-    /// Nodes that are not regular files are skipped.
+    /// Nodes that are not regular files are skipped. While it runs, on-demand reads of the
+    /// layer fetch no neighbours (the profile already names what comes next).
     pub async fn prefetch_files(&self, files: &[NodeId]) -> Result<(), ChunkError> {
+        struct Guided<'a>(&'a AtomicUsize);
+        impl Drop for Guided<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.inner.guided.fetch_add(1, Ordering::Relaxed);
+        let _guided = Guided(&self.inner.guided);
         let mut seen = std::collections::HashSet::new();
         let chunks: Vec<Chunk> = files
             .iter()

@@ -18,6 +18,8 @@
 //! `entry: N files` and a `sha256sum` line):
 //! - `python`: the python-data-shaped image of the test suite (5 layers, ~22,000 files,
 //!   ~430 MB of tar); the entry point reads what `import numpy, pandas` reads (~320 files);
+//! - `fullread`: the same layers, the entry point reads every regular file in name order and
+//!   prints `read every file` and their sha256 (never slower than not being lazy?);
 //! - `compiler`: the host's gcc 12 with binutils and libc6-dev (Debian packages, ~45 of them),
 //!   compiling and running hello.c;
 //! - `large`: 1 GiB of incompressible files in 4 layers, the entry point reads 3 MiB (< 1%);
@@ -32,7 +34,9 @@
 //! cache of any tool survives; page cache dropped just before the timer starts):
 //! containerd full pull + `ctr run`; `podman run` (full pull); podman partial pull of
 //! zstd:chunked; `lazypull run` of each format; `lazypull rpull` + `ctr run --snapshotter
-//! lazypull`; `podman run` through the lazypull layer store.
+//! lazypull`; `podman run` through the lazypull layer store; `lazypull run` of the eStargz
+//! image (no prefetch list) after an earlier start on the same root learned its profile and
+//! image, cache and daemon were removed (`lazypull-learned`).
 //!
 //! **Output**: a markdown table per profile (median and min-max over the runs of the time to
 //! the first line, time to exit, MB and requests served by the registry, peak RSS of the
@@ -67,14 +71,14 @@ const USAGE: &str = "\
 coldstart: time from starting a container to its first output line, lazypull against full
 pulls (containerd, podman), over a shaped link to a real registry.
 
-Usage: coldstart [--profile lan|wan|slow|all]... [--workload python|compiler|large|tiny|all]...
+Usage: coldstart [--profile lan|wan|slow|all]... [--workload python|fullread|compiler|large|tiny|all]...
                  [--mode NAME]... [--runs N] [--quick] [--out DIR]
 
   --profile P   network profile (default wan): lan 1 Gbit/s 1 ms RTT, wan 200 Mbit/s 20 ms,
                 slow 50 Mbit/s 60 ms; repeat or `all`
-  --workload W  python (python-data-shaped, ~430 MB of tar), compiler (gcc compiling
-                hello.c), large (1 GiB, reads < 1%), tiny (busybox); repeat or `all`
-                (default all)
+  --workload W  python (python-data-shaped, ~430 MB of tar), fullread (the same image,
+                every file read and hashed), compiler (gcc compiling hello.c), large
+                (1 GiB, reads < 1%), tiny (busybox); repeat or `all` (default all)
   --mode M      only these modes (repeatable): containerd, podman, podman-partial,
                 lazypull-gzip, lazypull-estargz, lazypull-prefetch, lazypull-learned,
                 lazypull-zstd, lazypull-rpull, podman-store (default all)
@@ -163,7 +167,9 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Options>>
             "--workload" => match value()?.as_str() {
                 "all" => workloads.extend(Workload::ALL),
                 v => workloads.push(Workload::parse(v).ok_or_else(|| {
-                    anyhow!("unknown workload {v:?}: python, compiler, large, tiny or all")
+                    anyhow!(
+                        "unknown workload {v:?}: python, fullread, compiler, large, tiny or all"
+                    )
                 })?),
             },
             "--mode" => {
@@ -216,14 +222,16 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Options>>
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Workload {
     Python,
+    FullRead,
     Compiler,
     Large,
     Tiny,
 }
 
 impl Workload {
-    const ALL: [Workload; 4] = [
+    const ALL: [Workload; 5] = [
         Workload::Python,
+        Workload::FullRead,
         Workload::Compiler,
         Workload::Large,
         Workload::Tiny,
@@ -236,6 +244,7 @@ impl Workload {
     fn name(self) -> &'static str {
         match self {
             Workload::Python => "python",
+            Workload::FullRead => "fullread",
             Workload::Compiler => "compiler",
             Workload::Large => "large",
             Workload::Tiny => "tiny",
@@ -245,9 +254,15 @@ impl Workload {
     /// The image config: busybox's `/entry.sh` reading its list, or the compiler's script.
     fn config(self) -> serde_json::Value {
         let mut config = runnable_config();
-        if self == Workload::Compiler {
-            config["Cmd"] = serde_json::json!(["/bin/sh", "/compile.sh"]);
-            config["Env"] = serde_json::json!(["PATH=/usr/bin:/bin"]);
+        match self {
+            Workload::Compiler => {
+                config["Cmd"] = serde_json::json!(["/bin/sh", "/compile.sh"]);
+                config["Env"] = serde_json::json!(["PATH=/usr/bin:/bin"]);
+            }
+            Workload::FullRead => {
+                config["Cmd"] = serde_json::json!(["/bin/sh", "/fullread.sh"]);
+            }
+            _ => {}
         }
         config
     }
@@ -256,6 +271,7 @@ impl Workload {
     fn first_line(self, entry_files: usize) -> String {
         match self {
             Workload::Compiler => COMPILER_FIRST_LINE.to_string(),
+            Workload::FullRead => FULL_READ_FIRST_LINE.to_string(),
             _ => format!("entry: {entry_files} files"),
         }
     }
@@ -269,6 +285,14 @@ impl Workload {
                 let mut tars = realistic_layers(1);
                 tars.push(busybox_layer(&entry));
                 (tars, entry)
+            }
+            Workload::FullRead => {
+                let mut tars = realistic_layers(1);
+                tars.push(busybox_layer(&[]));
+                let mut b = tar::Builder::new(Vec::new());
+                append_file(&mut b, "fullread.sh", FULL_READ_SH.as_bytes(), 0o755);
+                tars.push(b.into_inner().context("tar into memory")?);
+                (tars, Vec::new())
             }
             Workload::Compiler => {
                 let toolchain = host_toolchain_layer()?;
@@ -328,6 +352,16 @@ impl Workload {
         })
     }
 }
+
+/// The full-read workload: every regular file of the image, in name order, hashed (what a
+/// workload that reads everything costs; the digest, printed second, checks every mode read
+/// the same bytes). Files runtimes add or bind-mount (/etc, /run, ...) are left out.
+const FULL_READ_SH: &str = "set -e\n\
+d=$(busybox find / -xdev -type f ! -path '/etc/*' ! -path '/run/*' ! -path '/tmp/*' \\\n\
+  ! -path '/dev/*' ! -path '/proc/*' ! -path '/sys/*' -print0 | busybox sort -z | xargs -0 cat | sha256sum)\n\
+echo 'read every file'\n\
+echo \"$d\"\n";
+const FULL_READ_FIRST_LINE: &str = "read every file";
 
 /// The compiler workload's program and what it prints first.
 const HELLO_C: &str = "#include <stdio.h>\n#include <string.h>\n\
