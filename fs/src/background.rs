@@ -13,6 +13,12 @@
 //!   while still keeping a link busy between reads (two 2 MiB requests cover a 20 ms round
 //!   trip at 1.6 Gbit/s).
 //!
+//! - but a workload that has been reading for [`HEAVY_AFTER`] without a pause reads much, and
+//!   its reads are mostly serial (a `cat` of every file, a loader walking a tree): waiting for
+//!   it to pause would leave the link idle between its reads and make it slower than a full
+//!   pull. Then the fill runs alongside it, one batch at a time (a read waits behind at most
+//!   2 MiB), so a full read of an image is never slower than fetching it whole.
+//!
 //! On-demand fetches and prefetches announce themselves with the guards below; the fill asks
 //! for its turn with [`fill_turn`].
 
@@ -29,6 +35,11 @@ pub const QUIET: Duration = Duration::from_millis(300);
 /// Fill bytes in flight across the process at most.
 pub const IN_FLIGHT: u64 = 4 << 20;
 
+/// How long on-demand fetches must have kept on (no pause of [`QUIET`]) before the fill runs
+/// alongside them. A starting python image reads in bursts for 2-5 s, where the fill should
+/// stay out of the way; a workload still reading after that reads much.
+pub const HEAVY_AFTER: Duration = Duration::from_secs(4);
+
 /// The unit of [`IN_FLIGHT`]'s semaphore.
 const UNIT: u64 = 64 << 10;
 
@@ -39,6 +50,8 @@ static ON_DEMAND: AtomicUsize = AtomicUsize::new(0);
 static PREFETCHING: AtomicUsize = AtomicUsize::new(0);
 /// Milliseconds since [`EPOCH`] when the last on-demand fetch ended (0: none yet).
 static LAST_ON_DEMAND_MS: AtomicU64 = AtomicU64::new(0);
+/// Milliseconds since [`EPOCH`] when the current run of on-demand fetches began.
+static BUSY_SINCE_MS: AtomicU64 = AtomicU64::new(0);
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 static FILL_BYTES: LazyLock<Arc<Semaphore>> =
     LazyLock::new(|| Arc::new(Semaphore::new((IN_FLIGHT / UNIT) as usize)));
@@ -50,15 +63,18 @@ pub struct OnDemand(());
 impl OnDemand {
     /// Counts a fetch a process waits on until the guard is dropped.
     pub fn start() -> OnDemand {
-        ON_DEMAND.fetch_add(1, Ordering::SeqCst);
+        let idle = ON_DEMAND.fetch_add(1, Ordering::SeqCst) == 0
+            && since_last_on_demand().is_none_or(|s| s >= QUIET);
+        if idle {
+            BUSY_SINCE_MS.store(now_ms(), Ordering::SeqCst);
+        }
         OnDemand(())
     }
 }
 
 impl Drop for OnDemand {
     fn drop(&mut self) {
-        let ms = EPOCH.elapsed().as_millis() as u64;
-        LAST_ON_DEMAND_MS.store(ms.max(1), Ordering::SeqCst);
+        LAST_ON_DEMAND_MS.store(now_ms(), Ordering::SeqCst);
         ON_DEMAND.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -79,6 +95,19 @@ impl Drop for Prefetching {
     fn drop(&mut self) {
         PREFETCHING.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Milliseconds since [`EPOCH`], at least 1 (0 means "never").
+fn now_ms() -> u64 {
+    (EPOCH.elapsed().as_millis() as u64).max(1)
+}
+
+/// On-demand fetches have kept on for [`HEAVY_AFTER`] and still do.
+fn heavy_reading() -> bool {
+    let busy =
+        ON_DEMAND.load(Ordering::SeqCst) > 0 || since_last_on_demand().is_some_and(|s| s < QUIET);
+    let since = BUSY_SINCE_MS.load(Ordering::SeqCst);
+    busy && since > 0 && now_ms().saturating_sub(since) >= HEAVY_AFTER.as_millis() as u64
 }
 
 /// Time since the last on-demand fetch ended (`None`: there was none yet).
@@ -109,22 +138,51 @@ pub async fn wait_quiet(quiet: Duration) {
     }
 }
 
-/// The right to have `bytes` of fill in flight (at most [`IN_FLIGHT`] are granted at once);
-/// returned when the link is left to the fill, i.e. nothing anyone waits on is being fetched.
-pub async fn fill_turn(bytes: u64) -> OwnedSemaphorePermit {
+/// A fill batch's right to be in flight; dropping it frees its share.
+#[derive(Debug)]
+pub struct FillTurn {
+    _bytes: OwnedSemaphorePermit,
+    _alongside: Option<OwnedSemaphorePermit>,
+}
+
+/// The one fill batch that may run alongside a heavy reader.
+static ALONGSIDE: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(1)));
+
+/// The right to have `bytes` of fill in flight (at most [`IN_FLIGHT`] are granted at once):
+/// granted when nothing anyone waits on is being fetched, or, one batch at a time, alongside a
+/// workload that has been reading for [`HEAVY_AFTER`]; never during a prefetch.
+pub async fn fill_turn(bytes: u64) -> FillTurn {
     let units = bytes.div_ceil(UNIT).clamp(1, IN_FLIGHT / UNIT) as u32;
-    loop {
-        wait_quiet(QUIET).await;
-        let permit = FILL_BYTES
-            .clone()
-            .acquire_many_owned(units)
-            .await
-            .expect("the fill semaphore is never closed");
-        // A read may have started while this waited for in-flight fill to drain.
-        if wait_needed(QUIET).is_none() {
-            return permit;
+    let acquire = |sem: &LazyLock<Arc<Semaphore>>, n: u32| {
+        let sem = Arc::clone(sem);
+        async move {
+            sem.acquire_many_owned(n)
+                .await
+                .expect("fill semaphores are never closed")
         }
-        drop(permit);
+    };
+    loop {
+        match wait_needed(QUIET) {
+            None => {
+                let permit = acquire(&FILL_BYTES, units).await;
+                // A read may have started while this waited for in-flight fill to drain.
+                if wait_needed(QUIET).is_none() || heavy_reading() {
+                    return FillTurn {
+                        _bytes: permit,
+                        _alongside: None,
+                    };
+                }
+            }
+            Some(_) if heavy_reading() && PREFETCHING.load(Ordering::SeqCst) == 0 => {
+                let alongside = acquire(&ALONGSIDE, 1).await;
+                let permit = acquire(&FILL_BYTES, units).await;
+                return FillTurn {
+                    _bytes: permit,
+                    _alongside: Some(alongside),
+                };
+            }
+            Some(wait) => tokio::time::sleep(wait.max(Duration::from_millis(5))).await,
+        }
     }
 }
 
@@ -184,5 +242,30 @@ mod tests {
             .expect("fill never resumed after the prefetch")
             .unwrap();
         drop(permit);
+
+        // A workload that keeps reading gets the fill alongside it after HEAVY_AFTER, one
+        // batch at a time.
+        tokio::time::sleep(QUIET).await;
+        let read = OnDemand::start();
+        let waiting = tokio::spawn(fill_turn(1 << 20));
+        tokio::time::sleep(HEAVY_AFTER - Duration::from_millis(500)).await;
+        assert!(
+            !waiting.is_finished(),
+            "fill ran alongside a short run of reads"
+        );
+        let first = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("fill never ran alongside a heavy reader")
+            .unwrap();
+        let second = tokio::spawn(fill_turn(1 << 20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!second.is_finished(), "two batches ran alongside a reader");
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("the next batch never ran alongside")
+            .unwrap();
+        drop(second);
+        drop(read);
     }
 }

@@ -573,6 +573,17 @@ async fn reads_succeed_when_the_cache_disk_is_full() {
     });
 }
 
+/// Asserts that `path` under `root` holds exactly `want`.
+fn assert_file(root: &Path, path: &str, want: &[u8]) {
+    let got = std::fs::read(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert!(
+        got == want,
+        "{path}: {} bytes differ from the {} expected",
+        got.len(),
+        want.len()
+    );
+}
+
 /// Waits until the daemon's log says `what`.
 async fn wait_log(lp: &lazypull_tests::Lazypull, what: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
@@ -634,14 +645,8 @@ async fn the_first_start_is_learned_and_the_next_cold_start_prefetches_it() {
     let mnt = tempfile::tempdir().unwrap();
     tokio::task::block_in_place(|| {
         lp.mount(&image, mnt.path());
-        assert_eq!(
-            std::fs::read(mnt.path().join("data/second.bin")).unwrap(),
-            second
-        );
-        assert_eq!(
-            std::fs::read(mnt.path().join("data/first.bin")).unwrap(),
-            first
-        );
+        assert_file(mnt.path(), "data/second.bin", &second);
+        assert_file(mnt.path(), "data/first.bin", &first);
     });
     let profile = tokio::task::block_in_place(|| wait_json(&profile_path, Duration::from_secs(20)));
     let files: Vec<(&str, &str)> = profile["files"]
@@ -722,24 +727,12 @@ async fn the_first_start_is_learned_and_the_next_cold_start_prefetches_it() {
     registry.kill();
     drop(proxy);
     tokio::task::block_in_place(|| {
-        assert_eq!(
-            std::fs::read(mnt.path().join("data/first.bin")).unwrap(),
-            first
-        );
-        assert_eq!(
-            std::fs::read(mnt.path().join("data/second.bin")).unwrap(),
-            second
-        );
+        assert_file(mnt.path(), "data/first.bin", &first);
+        assert_file(mnt.path(), "data/second.bin", &second);
         let err = std::fs::read(mnt.path().join("data/never.bin")).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
-        assert_eq!(
-            std::fs::read(fresh_mnt.path().join("data/first.bin")).unwrap(),
-            first
-        );
-        assert_eq!(
-            std::fs::read(fresh_mnt.path().join("data/second.bin")).unwrap(),
-            second
-        );
+        assert_file(fresh_mnt.path(), "data/first.bin", &first);
+        assert_file(fresh_mnt.path(), "data/second.bin", &second);
     });
     // Without the terminal colours of the log's fields.
     let log: String = lp

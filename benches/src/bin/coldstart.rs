@@ -1003,18 +1003,6 @@ fn run_mode(
     let host = image.split('/').next().unwrap_or_default().to_string();
     // Set-up outside the timer: a fresh tool state, and the daemons a user keeps running.
     let (timed, logs, peak_rss) = match mode {
-        Mode::LazyLearned => {
-            let lp = Lazypull::new(bin, &[]);
-            learn_profile(&lp, image)?;
-            let mut run = lp.command();
-            run.args(["run", "--rm", image]);
-            let start = cold_start(counting);
-            let timed = run_timed(run, start, stderr.path(), || counting.total_body_bytes());
-            let rss = lp.daemon_pid().and_then(vm_hwm);
-            let log = tail(&lp.log(), 30);
-            lp.shutdown();
-            (timed?, log, rss)
-        }
         Mode::Containerd => {
             let c = TestContainerd::start();
             let pull = c.ctr_command(&["images", "pull", "--plain-http", image]);
@@ -1035,8 +1023,15 @@ fn run_mode(
             let timed = run_timed(run, start, stderr.path(), || counting.total_body_bytes())?;
             (timed, String::new(), None)
         }
-        Mode::LazyGzip | Mode::LazyEstargz | Mode::LazyPrefetch | Mode::LazyZstd => {
+        Mode::LazyGzip
+        | Mode::LazyEstargz
+        | Mode::LazyPrefetch
+        | Mode::LazyZstd
+        | Mode::LazyLearned => {
             let lp = Lazypull::new(bin, &[]);
+            if mode == Mode::LazyLearned {
+                learn_profile(&lp, image)?;
+            }
             let mut run = lp.command();
             run.args(["run", "--rm", image]);
             let start = cold_start(counting);
@@ -1124,9 +1119,23 @@ fn learn_profile(lp: &Lazypull, image: &str) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    // The daemon saves the profile whenever reads pause, so wait until it has not changed
+    // for a while after the container's end (a pause mid-run saved an early, shorter one).
     let profiles = lp.root.path().join("profiles");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_dir(&profiles).map_or(true, |mut d| d.next().is_none()) {
+    let exited = Instant::now();
+    let deadline = exited + Duration::from_secs(60);
+    let settled = Duration::from_secs(4);
+    loop {
+        let newest = std::fs::read_dir(&profiles)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok()?.modified().ok())
+            .max();
+        let quiet = newest.is_some_and(|m| m.elapsed().is_ok_and(|age| age >= settled));
+        if quiet && exited.elapsed() >= settled {
+            break;
+        }
         if Instant::now() > deadline {
             bail!(
                 "no profile was learned from the start of {image}:\n{}",
