@@ -35,6 +35,10 @@ pub const QUIET: Duration = Duration::from_millis(300);
 /// Fill bytes in flight across the process at most.
 pub const IN_FLIGHT: u64 = 4 << 20;
 
+/// Decompressed fill bytes held across the process at most: batches are cut by compressed
+/// size, and a hostile layer can make chunks compress a thousandfold.
+pub const HELD: u64 = 64 << 20;
+
 /// How long on-demand fetches must have kept on (no pause of [`QUIET`]) before the fill runs
 /// alongside them. A starting python image reads in bursts for 2-5 s, where the fill should
 /// stay out of the way; a workload still reading after that reads much.
@@ -148,11 +152,17 @@ pub struct FillTurn {
 /// The one fill batch that may run alongside a heavy reader.
 static ALONGSIDE: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(1)));
 
-/// The right to have `bytes` of fill in flight (at most [`IN_FLIGHT`] are granted at once):
+/// The right to have `bytes` of fill in flight, holding `held` bytes once decompressed (at
+/// most [`IN_FLIGHT`] and [`HELD`] are granted at once):
 /// granted when nothing anyone waits on is being fetched, or, one batch at a time, alongside a
 /// workload that has been reading for [`HEAVY_AFTER`]; never during a prefetch.
-pub async fn fill_turn(bytes: u64) -> FillTurn {
-    let units = bytes.div_ceil(UNIT).clamp(1, IN_FLIGHT / UNIT) as u32;
+pub async fn fill_turn(bytes: u64, held: u64) -> FillTurn {
+    // A batch is charged by its compressed bytes or its share of HELD, whichever is more.
+    let all = IN_FLIGHT / UNIT;
+    let units = bytes
+        .div_ceil(UNIT)
+        .max(held.div_ceil(HELD / all))
+        .clamp(1, all) as u32;
     let acquire = |sem: &LazyLock<Arc<Semaphore>>, n: u32| {
         let sem = Arc::clone(sem);
         async move {
@@ -165,8 +175,9 @@ pub async fn fill_turn(bytes: u64) -> FillTurn {
         match wait_needed(QUIET) {
             None => {
                 let permit = acquire(&FILL_BYTES, units).await;
-                // A read may have started while this waited for in-flight fill to drain.
-                if wait_needed(QUIET).is_none() || heavy_reading() {
+                // A read may have started while this waited for in-flight fill to drain: then
+                // the rules for running alongside reads decide, on the next pass.
+                if wait_needed(QUIET).is_none() {
                     return FillTurn {
                         _bytes: permit,
                         _alongside: None,
@@ -176,10 +187,13 @@ pub async fn fill_turn(bytes: u64) -> FillTurn {
             Some(_) if heavy_reading() && PREFETCHING.load(Ordering::SeqCst) == 0 => {
                 let alongside = acquire(&ALONGSIDE, 1).await;
                 let permit = acquire(&FILL_BYTES, units).await;
-                return FillTurn {
-                    _bytes: permit,
-                    _alongside: Some(alongside),
-                };
+                // A prefetch may have started meanwhile: it goes first.
+                if PREFETCHING.load(Ordering::SeqCst) == 0 {
+                    return FillTurn {
+                        _bytes: permit,
+                        _alongside: Some(alongside),
+                    };
+                }
             }
             Some(wait) => tokio::time::sleep(wait.max(Duration::from_millis(5))).await,
         }
@@ -194,13 +208,17 @@ mod tests {
     #[tokio::test]
     async fn fill_waits_for_reads_and_prefetches_and_is_bounded() {
         // Nothing running: the fill goes at once.
-        let first = tokio::time::timeout(Duration::from_secs(5), fill_turn(IN_FLIGHT))
+        // A batch of few compressed bytes that decompress to HELD takes the whole budget.
+        let first = tokio::time::timeout(Duration::from_secs(5), fill_turn(64 << 10, HELD))
             .await
             .expect("an idle link must be given to the fill");
         // The budget is taken: a second batch waits for the first to finish.
-        let second = tokio::spawn(fill_turn(1 << 20));
+        let second = tokio::spawn(fill_turn(1 << 20, 0));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!second.is_finished(), "more than IN_FLIGHT bytes granted");
+        assert!(
+            !second.is_finished(),
+            "more than IN_FLIGHT or HELD bytes granted"
+        );
         drop(first);
         let second = tokio::time::timeout(Duration::from_secs(5), second)
             .await
@@ -212,7 +230,7 @@ mod tests {
         // after it.
         let read = OnDemand::start();
         assert_eq!(on_demand_in_flight(), 1);
-        let waiting = tokio::spawn(fill_turn(1 << 20));
+        let waiting = tokio::spawn(fill_turn(1 << 20, 0));
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(
             !waiting.is_finished(),
@@ -233,7 +251,7 @@ mod tests {
 
         // A prefetch holds it back too.
         let prefetch = Prefetching::start();
-        let waiting = tokio::spawn(fill_turn(1 << 20));
+        let waiting = tokio::spawn(fill_turn(1 << 20, 0));
         tokio::time::sleep(Duration::from_millis(QUIET.as_millis() as u64 + 100)).await;
         assert!(!waiting.is_finished(), "fill started during a prefetch");
         drop(prefetch);
@@ -247,7 +265,7 @@ mod tests {
         // batch at a time.
         tokio::time::sleep(QUIET).await;
         let read = OnDemand::start();
-        let waiting = tokio::spawn(fill_turn(1 << 20));
+        let waiting = tokio::spawn(fill_turn(1 << 20, 0));
         tokio::time::sleep(HEAVY_AFTER - Duration::from_millis(500)).await;
         assert!(
             !waiting.is_finished(),
@@ -257,7 +275,7 @@ mod tests {
             .await
             .expect("fill never ran alongside a heavy reader")
             .unwrap();
-        let second = tokio::spawn(fill_turn(1 << 20));
+        let second = tokio::spawn(fill_turn(1 << 20, 0));
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!second.is_finished(), "two batches ran alongside a reader");
         drop(first);

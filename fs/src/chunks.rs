@@ -102,6 +102,9 @@ pub enum ChunkError {
     /// The cache failed (disk error).
     #[error("chunk cache: {0}")]
     Cache(String),
+    /// A task of the data path panicked or was cancelled (its message).
+    #[error("data path task failed: {0}")]
+    Task(String),
 }
 
 impl ChunkError {
@@ -352,14 +355,14 @@ impl LayerSource {
     /// Uncached chunks that follow `last` in blob order, up to `read_around` compressed bytes.
     fn neighbours(&self, last: &Chunk) -> Vec<Chunk> {
         let all = self.inner.layer.all_chunks();
+        if self.inner.guided.load(Ordering::Relaxed) > 0 {
+            return Vec::new();
+        }
         let order = &self.inner.blob_order;
         let start = order.partition_point(|&i| {
             let c = &all[i as usize];
             (c.blob_offset, c.inner_offset) <= (last.blob_offset, last.inner_offset)
         });
-        if self.inner.guided.load(Ordering::Relaxed) > 0 {
-            return Vec::new();
-        }
         let mut budget = self.inner.config.read_around;
         // Decompressed bytes held at once are bounded too: a hostile layer can make chunks
         // compress a thousandfold.
@@ -731,11 +734,11 @@ impl LayerSource {
                 note(self, batch.len(), result);
                 continue;
             }
-            let turn = crate::background::fill_turn(bytes).await;
+            let held: u64 = batch.iter().map(|c| c.size).sum();
+            let turn = crate::background::fill_turn(bytes, held).await;
             while let Some(done) = running.try_join_next() {
-                if let Ok((n, result)) = done {
-                    note(self, n, result);
-                }
+                let (n, result) = joined(done);
+                note(self, n, result);
             }
             let this = self.clone();
             running.spawn_on(
@@ -748,9 +751,8 @@ impl LayerSource {
             );
         }
         while let Some(done) = running.join_next().await {
-            if let Ok((n, result)) = done {
-                note(self, n, result);
-            }
+            let (n, result) = joined(done);
+            note(self, n, result);
         }
         match first_error {
             Some(e) => Err(e),
@@ -988,6 +990,14 @@ impl crate::fuse::ContentSource for LayerSource {
     fn backing_file(&self, node: NodeId) -> Option<std::path::PathBuf> {
         LayerSource::backing_file(self, node)
     }
+}
+
+/// The outcome of a fill batch task: a task that panicked or was cancelled is a failure of
+/// its chunks, with the cause, not a success.
+fn joined(
+    done: Result<(usize, Result<(), ChunkError>), tokio::task::JoinError>,
+) -> (usize, Result<(), ChunkError>) {
+    done.unwrap_or_else(|e| (0, Err(ChunkError::Task(format!("fill batch: {e}")))))
 }
 
 #[cfg(test)]

@@ -163,8 +163,9 @@ const SLOW_READS_KEPT: usize = 5;
 /// How many opened files a mount's access log remembers (16 bytes each, plus the set).
 const OPENED_KEPT: usize = 100_000;
 /// Orders first opens across every mount of the process, so that the files of an image's
-/// layers can be merged into one list in the order the workload opened them.
-static OPEN_SEQUENCE: AtomicU64 = AtomicU64::new(0);
+/// layers can be merged into one list in the order the workload opened them. It starts at 1 so
+/// that 0 can mean "before any open" to a reader asking for opens after a point.
+static OPEN_SEQUENCE: AtomicU64 = AtomicU64::new(1);
 
 /// A regular file the mount served an open for, for the access log (a prefetch list recorded
 /// from a real run).

@@ -5,7 +5,7 @@
 //! nothing to mount before the whole blob has been read. Rather than refusing such images, the
 //! layer is downloaded whole (the registry client hashes the stream and keeps nothing that does
 //! not match the manifest's digest), decompressed, and rewritten by the eStargz writer into
-//! `<local_dir>/<hex>.estargz` (fast gzip level: it never crosses the network again). That file
+//! `<local_dir>/<hex>.estargz` (stored deflate blocks: it never crosses the network again). That file
 //! is then read through [`BlobReader::local`], so the layer model, chunk verification, cache and
 //! FUSE code are exactly the lazy ones.
 //!

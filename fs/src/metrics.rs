@@ -118,7 +118,6 @@ pub fn observe_network_wait(secs: f64) {
     METRICS.network_wait.observe(secs);
 }
 
-/// When the last on-demand registry read finished, in milliseconds since [`EPOCH`].
 /// `lazypull_refused_tocs_total{format, cause}`: TOCs that were not trusted for a lazy mount,
 /// so their layer was fetched whole and verified against the layer digest instead.
 static REFUSED_TOCS: LazyLock<IntCounterVec> = LazyLock::new(|| {

@@ -692,8 +692,9 @@ async fn the_first_start_is_learned_and_the_next_cold_start_prefetches_it() {
         fresh.log()
     );
 
-    // A profile only ever names files: entries the image does not have, or that try to leave
-    // the layer, are skipped, and the files it names are still verified when fetched.
+    // A profile only ever names files: entries the image does not have, in a layer it does not
+    // have, or with `..` (names are looked up in the layer's own tree, never a host path), are
+    // skipped.
     let mut edited = profile.clone();
     let bogus = [
         serde_json::json!({"layer": layer, "path": "../../etc/passwd"}),

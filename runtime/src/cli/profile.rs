@@ -62,7 +62,8 @@ pub async fn run(s: &Settings, command: ProfileCommand) -> Result<()> {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
             for f in &profile.files {
-                writeln!(out, "{} /{}", f.layer, f.path)?;
+                // Paths may come from a registry: control characters are shown escaped.
+                writeln!(out, "{} /{}", f.layer, f.path.escape_debug())?;
             }
         }
         ProfileCommand::Push { .. } => {
@@ -72,6 +73,12 @@ pub async fn run(s: &Settings, command: ProfileCommand) -> Result<()> {
                 oci_digest(&manifest.digest)?,
             );
             let content = Bytes::from(serde_json::to_vec(&profile)?);
+            anyhow::ensure!(
+                content.len() as u64 <= lazypull_fetcher::registry::MAX_DOCUMENT_BYTES,
+                "the profile of {image} is {} bytes, above the {} a node reads",
+                content.len(),
+                lazypull_fetcher::registry::MAX_DOCUMENT_BYTES
+            );
             let pushed = registry
                 .attach_artifact(&reference, subject, ARTIFACT_TYPE, ARTIFACT_TYPE, content)
                 .await

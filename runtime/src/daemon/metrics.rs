@@ -32,7 +32,7 @@ pub static FALLBACKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-/// `lazypull_profile_prefetches_total{outcome}`: pulls that prefetched what the image's last
+/// `lazypull_profiles_total{outcome}`: pulls that prefetched what the image's last
 /// start read (`prefetched`), and starts recorded for the next pull (`learned`).
 pub static PROFILES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(

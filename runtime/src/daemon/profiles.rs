@@ -22,11 +22,13 @@
 //! it: a fresh node starts with what another node learned.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use lazypull_fetcher::Digest;
 use lazypull_fs::background;
+use lazypull_fs::toc::NodeId;
 use serde::{Deserialize, Serialize};
 
 use super::store::ImageRecord;
@@ -42,8 +44,9 @@ const LEARN_FOR: Duration = Duration::from_secs(60);
 const QUIET: Duration = Duration::from_secs(2);
 /// How often the learner looks at the access logs.
 const LOOK_EVERY: Duration = Duration::from_millis(500);
-/// Largest profile file read (bytes); a bigger one is ignored.
-const MAX_FILE_BYTES: u64 = 16 << 20;
+/// Largest profile read or published (bytes): what the registry client reads of a small
+/// document at most.
+const MAX_FILE_BYTES: u64 = lazypull_fetcher::registry::MAX_DOCUMENT_BYTES;
 
 /// What an image's start read.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -123,11 +126,14 @@ fn save(root: &Path, image: &Digest, profile: &Profile) -> Result<()> {
     super::store::save(&path, profile)
 }
 
-/// The files the image's layer mounts have served opens for, merged in first-open order; a
-/// file opened through several layers counts once, at its first open.
-async fn observe(state: &Shared, record: &ImageRecord) -> Vec<ProfileFile> {
+/// What the image's layer mounts have served opens for since first-open sequence `after`:
+/// (sequence, layer digest, layer model, node), gathered under the daemon's lock (a copy of
+/// each access log, nothing more).
+type Opened = Vec<(u64, String, Arc<lazypull_fs::toc::Layer>, NodeId)>;
+
+async fn opened_since(state: &Shared, record: &ImageRecord, after: u64) -> Opened {
     let st = state.lock().await;
-    let mut opened: Vec<(u64, ProfileFile)> = Vec::new();
+    let mut opened = Vec::new();
     for l in &record.layers {
         let Ok(d) = l.digest.parse::<Digest>() else {
             continue;
@@ -136,23 +142,36 @@ async fn observe(state: &Shared, record: &ImageRecord) -> Vec<ProfileFile> {
             continue;
         };
         let layer = entry.source.layer();
-        opened.extend(entry.opened().into_iter().filter_map(|o| {
-            Some((
-                o.sequence,
-                ProfileFile {
-                    layer: l.digest.clone(),
-                    path: layer.path(o.node)?,
-                },
-            ))
-        }));
+        opened.extend(
+            entry
+                .opened()
+                .into_iter()
+                .filter(|o| o.sequence > after)
+                .map(|o| (o.sequence, l.digest.clone(), Arc::clone(layer), o.node)),
+        );
     }
-    opened.sort_by_key(|(seq, _)| *seq);
-    let mut seen = std::collections::HashSet::new();
     opened
-        .into_iter()
-        .map(|(_, f)| f)
-        .filter(|f| seen.insert(f.path.clone()))
-        .collect()
+}
+
+/// The files of `opened` in first-open order, named by path (outside the daemon's lock: naming
+/// walks the tree); a path opened through several layers counts once, at its first open.
+async fn name(mut opened: Opened) -> Vec<ProfileFile> {
+    opened.sort_by_key(|(seq, ..)| *seq);
+    tokio::task::spawn_blocking(move || {
+        let mut seen = std::collections::HashSet::new();
+        opened
+            .into_iter()
+            .filter_map(|(_, layer_digest, layer, node)| {
+                Some(ProfileFile {
+                    layer: layer_digest,
+                    path: layer.path(node)?,
+                })
+            })
+            .filter(|f| seen.insert(f.path.clone()))
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
 }
 
 /// Starts what the image's pull owes its profile: prefetching a saved one, or learning one.
@@ -165,6 +184,14 @@ pub fn spawn(state: Shared, record: ImageRecord, prefetch: bool) {
             let st = state.lock().await;
             (st.settings.root.clone(), st.engine.clone())
         };
+        // What the image's layers served before this pull (other images sharing a layer)
+        // is not this image's start.
+        let before = opened_since(&state, &record, 0)
+            .await
+            .iter()
+            .map(|(seq, ..)| *seq)
+            .max()
+            .unwrap_or(0);
         let profile = match load(&root, &image) {
             Some(p) => Some(p),
             None => published(&engine, &root, &record, &image).await,
@@ -172,7 +199,7 @@ pub fn spawn(state: Shared, record: ImageRecord, prefetch: bool) {
         match profile {
             Some(profile) if prefetch => prefetch_profile(&state, &record, &profile).await,
             Some(_) => {}
-            None => learn(&state, &root, &image, &record).await,
+            None => learn(&state, &root, &image, &record, before).await,
         }
     });
 }
@@ -254,15 +281,17 @@ async fn prefetch_profile(state: &Shared, record: &ImageRecord, profile: &Profil
     for e in results.into_iter().filter_map(Result::err) {
         tracing::warn!(image = %record.reference, error = %e, "profile prefetch incomplete");
     }
-    super::metrics::PROFILES
-        .with_label_values(&["prefetched"])
-        .inc();
+    if files > 0 {
+        super::metrics::PROFILES
+            .with_label_values(&["prefetched"])
+            .inc();
+    }
     tracing::info!(image = %record.reference, files,
         seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "profile prefetch done");
 }
 
 /// Watches the image's start and saves what it opened each time its reads go quiet.
-async fn learn(state: &Shared, root: &Path, image: &Digest, record: &ImageRecord) {
+async fn learn(state: &Shared, root: &Path, image: &Digest, record: &ImageRecord, after: u64) {
     let started = Instant::now();
     let mut saved = 0usize;
     while started.elapsed() < LEARN_FOR {
@@ -275,10 +304,12 @@ async fn learn(state: &Shared, root: &Path, image: &Digest, record: &ImageRecord
         if !quiet {
             continue;
         }
-        let files = observe(state, record).await;
-        if files.len() <= saved {
+        let opened = opened_since(state, record, after).await;
+        let count = opened.len();
+        if count <= saved {
             continue;
         }
+        let files = name(opened).await;
         let profile = Profile {
             version: VERSION,
             image: image.to_string(),
@@ -292,8 +323,8 @@ async fn learn(state: &Shared, root: &Path, image: &Digest, record: &ImageRecord
                         .with_label_values(&["learned"])
                         .inc();
                 }
-                saved = profile.files.len();
-                tracing::info!(image = %record.reference, files = saved,
+                saved = count;
+                tracing::info!(image = %record.reference, files = profile.files.len(),
                     "saved what the image's start read; its next cold start prefetches it");
             }
             Err(e) => {
