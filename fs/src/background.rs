@@ -134,11 +134,17 @@ fn wait_needed(quiet: Duration) -> Option<Duration> {
     since_last_on_demand().and_then(|since| quiet.checked_sub(since))
 }
 
-/// Waits until no on-demand fetch or prefetch is running and on-demand fetches have been
-/// quiet for `quiet`.
-pub async fn wait_quiet(quiet: Duration) {
-    while let Some(wait) = wait_needed(quiet) {
-        tokio::time::sleep(wait.max(Duration::from_millis(5))).await;
+/// Waits until a layer's fill may begin: on-demand fetches have been quiet for `quiet` (the
+/// start of a container is over), or a workload has been reading for [`HEAVY_AFTER`] without
+/// a pause and no prefetch runs (it reads much: waiting for a pause would leave the link idle
+/// between its serial reads). Each batch then still asks [`fill_turn`].
+pub async fn wait_fill_start(quiet: Duration) {
+    loop {
+        match wait_needed(quiet) {
+            None => return,
+            Some(_) if heavy_reading() && PREFETCHING.load(Ordering::SeqCst) == 0 => return,
+            Some(wait) => tokio::time::sleep(wait.max(Duration::from_millis(5))).await,
+        }
     }
 }
 
@@ -262,15 +268,24 @@ mod tests {
         drop(permit);
 
         // A workload that keeps reading gets the fill alongside it after HEAVY_AFTER, one
-        // batch at a time.
+        // batch at a time; a layer's fill that waits to begin begins then too.
         tokio::time::sleep(QUIET).await;
         let read = OnDemand::start();
         let waiting = tokio::spawn(fill_turn(1 << 20, 0));
+        let beginning = tokio::spawn(wait_fill_start(Duration::from_secs(2)));
         tokio::time::sleep(HEAVY_AFTER - Duration::from_millis(500)).await;
         assert!(
             !waiting.is_finished(),
             "fill ran alongside a short run of reads"
         );
+        assert!(
+            !beginning.is_finished(),
+            "a fill began during a short run of reads"
+        );
+        tokio::time::timeout(Duration::from_secs(5), beginning)
+            .await
+            .expect("a fill never began alongside a heavy reader")
+            .unwrap();
         let first = tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
             .expect("fill never ran alongside a heavy reader")
