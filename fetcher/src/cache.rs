@@ -521,6 +521,16 @@ impl ChunkCache {
         self.store(digest, size, hot, |w| w.write_all(data))
     }
 
+    /// Keeps a chunk the caller has verified in the memory hot set only, never on disk: for
+    /// content that already has a durable verified copy elsewhere (a whole-fetched layer's
+    /// local copy), where a second copy in the cache would cost a hash, a write and the disk
+    /// space of the layer again. Repeated reads of the chunk (a FUSE read is 128 KiB of a chunk
+    /// of up to 4 MiB) are then served from memory.
+    pub fn remember(&self, digest: &Digest, data: Bytes) {
+        let mut st = self.inner.state.lock();
+        st.hot_insert(*digest, data, self.inner.config.memory_bytes);
+    }
+
     /// Stores content too large to hold in memory (a whole file assembled from its chunks, for
     /// FUSE passthrough): `write` streams exactly `size` bytes into the cache's temporary file,
     /// which is hashed on the way and published under `digest` only if it matches. Same rules
@@ -770,6 +780,26 @@ mod tests {
         cold.put(&d, &data).unwrap();
         assert!(matches!(cold.lookup_in_memory(&d), Lookup::OnDisk));
         assert_eq!(cold.get(&d).unwrap().unwrap(), data);
+    }
+
+    #[test]
+    fn remembered_chunks_are_served_from_memory_and_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, data) = chunk(5, 1000);
+        let cache = ChunkCache::open(dir.path(), cfg(1 << 20, 1 << 20)).unwrap();
+        cache.remember(&d, Bytes::from(data.clone()));
+        match cache.lookup_in_memory(&d) {
+            Lookup::Hot(got) => assert_eq!(got, data),
+            other => panic!("expected a hot-set hit, got {other:?}"),
+        }
+        assert_eq!(cache.get(&d).unwrap().unwrap(), data);
+        assert!(!cache.contains(&d) && cache.path_of(&d).is_none());
+        assert!(files_under(&cache.dir().join("blobs")).is_empty());
+        assert_eq!(cache.stats().entries, 0);
+        // Without a memory budget nothing is kept at all.
+        let cold = ChunkCache::open(dir.path().join("cold"), cfg(1 << 20, 0)).unwrap();
+        cold.remember(&d, Bytes::from(data));
+        assert!(matches!(cold.lookup_in_memory(&d), Lookup::Absent));
     }
 
     #[test]

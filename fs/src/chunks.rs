@@ -99,10 +99,8 @@ pub enum ChunkError {
     /// The node is not a regular file.
     #[error("node {0} is not a regular file")]
     NotAFile(NodeId),
-    /// The cache failed (disk error).
-    #[error("chunk cache: {0}")]
-    Cache(String),
-    /// A task of the data path panicked or was cancelled (its message).
+    /// A task of the data path panicked or was cancelled, or the process is shutting down
+    /// (its message). Cache failures are not here: the data path serves around them.
     #[error("data path task failed: {0}")]
     Task(String),
 }
@@ -210,10 +208,10 @@ async fn cpu<T: Send + 'static>(
         .clone()
         .acquire_owned()
         .await
-        .map_err(|e| ChunkError::Cache(e.to_string()))?;
+        .map_err(|e| ChunkError::Task(format!("CPU pool: {e}")))?;
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| ChunkError::Cache(e.to_string()))
+        .map_err(|e| ChunkError::Task(format!("decompression: {e}")))
 }
 
 impl std::fmt::Debug for LayerSource {
@@ -502,6 +500,8 @@ impl LayerSource {
             let compression = self.inner.compression;
             let c = *chunk;
             let cache = self.inner.cache.clone();
+            // A local copy is itself the verified store of its chunks: they go to memory only.
+            let local = self.inner.blob.local_path().is_some();
             let verified = cpu(move || -> Result<Option<Bytes>, ChunkError> {
                 let data = decompress(compression, &compressed, &c).map_err(|detail| {
                     ChunkError::Corrupt {
@@ -513,16 +513,19 @@ impl LayerSource {
                 if !digest.matches(&data) {
                     return Ok(None);
                 }
-                // The bytes are verified: a cache that cannot keep them (disk full) costs a
-                // later refetch, never this read.
-                if let Err(e) = cache.put(&digest, &data) {
+                let data = Bytes::from(data);
+                if local {
+                    cache.remember(&digest, data.clone());
+                } else if let Err(e) = cache.put(&digest, &data) {
+                    // The bytes are verified: a cache that cannot keep them (disk full) costs
+                    // a later refetch, never this read.
                     cache_trouble(
                         &layer,
                         "a verified chunk could not be cached; serving it from memory",
                         &e,
                     );
                 }
-                Ok(Some(Bytes::from(data)))
+                Ok(Some(data))
             })
             .await?;
             match verified {
@@ -838,8 +841,12 @@ impl LayerSource {
         self.inner.runtime.spawn_blocking(work);
     }
 
-    /// Whether every chunk of the layer is in the cache.
+    /// Whether every chunk of the layer is stored on this node: in the cache, or in the local
+    /// copy the layer is served from.
     pub fn is_complete(&self) -> bool {
+        if self.inner.blob.local_path().is_some() {
+            return true;
+        }
         self.inner
             .layer
             .all_chunks()
