@@ -37,7 +37,10 @@
 //! zstd:chunked; `lazypull run` of each format; `lazypull rpull` + `ctr run --snapshotter
 //! lazypull`; `podman run` through the lazypull layer store; `lazypull run` of the eStargz
 //! image (no prefetch list) after an earlier start on the same root learned its profile and
-//! image, cache and daemon were removed (`lazypull-learned`).
+//! image, cache and daemon were removed (`lazypull-learned`); and on a fresh root after
+//! another root learned the profile and published it with `lazypull profile push`, so the
+//! timed start finds it in the registry (`lazypull-published`, on an eStargz manifest of its
+//! own so the published profile reaches no other mode).
 //!
 //! **Output**: a markdown table per profile (median and min-max over the runs of the time to
 //! the first line, time to exit, MB and requests served by the registry, peak RSS of the
@@ -82,7 +85,8 @@ Usage: coldstart [--profile lan|wan|slow|all]... [--workload python|fullread|com
                 (1 GiB, reads < 1%), tiny (busybox); repeat or `all` (default all)
   --mode M      only these modes (repeatable): containerd, podman, podman-partial,
                 lazypull-gzip, lazypull-estargz, lazypull-prefetch, lazypull-learned,
-                lazypull-zstd, lazypull-rpull, podman-store (default all)
+                lazypull-published, lazypull-zstd, lazypull-rpull, podman-store
+                (default all)
   --runs N      runs of each mode, each from a cold state (default 5); median, min, max
   --quick       one workload (python), one profile (wan), one run: the CI smoke test
   --out DIR     where the table and chart go (default target/bench)
@@ -518,6 +522,9 @@ enum Format {
     Gzip,
     Estargz,
     EstargzPrefetch,
+    /// The eStargz layers under a manifest of their own, so a profile published for it (keyed
+    /// by manifest digest) reaches no other mode.
+    EstargzPublished,
     ZstdChunked,
 }
 
@@ -527,6 +534,7 @@ impl Format {
             Format::Gzip => "gzip",
             Format::Estargz => "estargz",
             Format::EstargzPrefetch => "estargz-prefetch",
+            Format::EstargzPublished => "estargz-published",
             Format::ZstdChunked => "zstd-chunked",
         }
     }
@@ -541,7 +549,7 @@ impl Format {
                 diff_id,
                 annotations: BTreeMap::new(),
             },
-            Format::Estargz | Format::EstargzPrefetch => {
+            Format::Estargz | Format::EstargzPrefetch | Format::EstargzPublished => {
                 let opts = WriterOptions {
                     prefetch: (self == Format::EstargzPrefetch).then(|| prefetch.to_vec()),
                     ..WriterOptions::default()
@@ -589,13 +597,14 @@ enum Mode {
     LazyEstargz,
     LazyPrefetch,
     LazyLearned,
+    LazyPublished,
     LazyZstd,
     LazyRpull,
     PodmanStore,
 }
 
 impl Mode {
-    const ALL: [Mode; 10] = [
+    const ALL: [Mode; 11] = [
         Mode::Containerd,
         Mode::Podman,
         Mode::PodmanPartial,
@@ -603,6 +612,7 @@ impl Mode {
         Mode::LazyEstargz,
         Mode::LazyPrefetch,
         Mode::LazyLearned,
+        Mode::LazyPublished,
         Mode::LazyZstd,
         Mode::LazyRpull,
         Mode::PodmanStore,
@@ -617,6 +627,7 @@ impl Mode {
             Mode::LazyEstargz => "lazypull-estargz",
             Mode::LazyPrefetch => "lazypull-prefetch",
             Mode::LazyLearned => "lazypull-learned",
+            Mode::LazyPublished => "lazypull-published",
             Mode::LazyZstd => "lazypull-zstd",
             Mode::LazyRpull => "lazypull-rpull",
             Mode::PodmanStore => "podman-store",
@@ -632,6 +643,9 @@ impl Mode {
             Mode::LazyEstargz => "lazypull run (eStargz)",
             Mode::LazyPrefetch => "lazypull run (eStargz + prefetch list)",
             Mode::LazyLearned => "lazypull run (eStargz, profile learned by an earlier start)",
+            Mode::LazyPublished => {
+                "lazypull run on a fresh node (eStargz, profile learned elsewhere, from the registry)"
+            }
             Mode::LazyZstd => "lazypull run (zstd:chunked)",
             Mode::LazyRpull => {
                 "lazypull rpull + ctr run --snapshotter lazypull (eStargz + prefetch)"
@@ -645,6 +659,7 @@ impl Mode {
             Mode::Containerd | Mode::Podman | Mode::LazyGzip => Format::Gzip,
             Mode::PodmanPartial | Mode::LazyZstd => Format::ZstdChunked,
             Mode::LazyEstargz | Mode::LazyLearned => Format::Estargz,
+            Mode::LazyPublished => Format::EstargzPublished,
             Mode::LazyPrefetch | Mode::LazyRpull | Mode::PodmanStore => Format::EstargzPrefetch,
         }
     }
@@ -786,6 +801,18 @@ fn build_and_push(
                 .pusher()
                 .push_image_with(&repo, format.tag(), &spec),
         );
+        if format == Format::Estargz {
+            // The same layers under another manifest: what a mode publishes for it stays there.
+            spec.annotations.insert(
+                "org.example.coldstart.variant".to_string(),
+                Format::EstargzPublished.tag().to_string(),
+            );
+            rt.block_on(registry.pusher().push_image_with(
+                &repo,
+                Format::EstargzPublished.tag(),
+                &spec,
+            ));
+        }
         check_interrupted()?;
         Ok(size)
     };
@@ -793,6 +820,7 @@ fn build_and_push(
     for format in [Format::Gzip, Format::Estargz, Format::ZstdChunked] {
         sizes.insert(format, push(format, &[])?);
     }
+    sizes.insert(Format::EstargzPublished, sizes[&Format::Estargz]);
     let image = format!("{}/{repo}:{}", registry.host(), Format::Estargz.tag());
     let (recorded, output) = record(bin, &image)?;
     sizes.insert(
@@ -1028,10 +1056,21 @@ fn run_mode(
         | Mode::LazyEstargz
         | Mode::LazyPrefetch
         | Mode::LazyZstd
-        | Mode::LazyLearned => {
+        | Mode::LazyLearned
+        | Mode::LazyPublished => {
             let lp = Lazypull::new(bin, &[]);
             if mode == Mode::LazyLearned {
                 learn_profile(&lp, image)?;
+            }
+            if mode == Mode::LazyPublished {
+                // Another node learns and publishes; this one starts with nothing but the
+                // registry.
+                let learner = Lazypull::new(bin, &[]);
+                learn_profile(&learner, image)?;
+                started(
+                    learner.cmd(&["profile", "push", image]),
+                    "publishing the learned profile",
+                )?;
             }
             let mut run = lp.command();
             run.args(["run", "--rm", image]);
