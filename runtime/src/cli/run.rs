@@ -256,6 +256,20 @@ fn signal_name(kind: i32) -> &'static str {
     }
 }
 
+/// Waits (up to 5 s) until the runtime has started the container's process. Until then the
+/// container's init is the runtime's own helper (`runc init`, a Go program), which a forwarded
+/// SIGINT or SIGTERM kills with status 2 in the middle of the start, instead of reaching the
+/// container's program.
+fn wait_started(rt: &Runtime, id: &str) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        match rt.state(id).as_deref() {
+            Some("running" | "paused" | "stopped") => return,
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
 /// Runs `runc run` and waits for it, forwarding SIGINT/SIGTERM/SIGHUP/SIGQUIT to the
 /// container (a second one, or `stop_timeout` seconds without exit, kills it). Returns the
 /// container's exit code (128+N when killed by signal N).
@@ -319,7 +333,11 @@ async fn supervise(
                 tracing::info!(container = id, signal = name, "forwarding signal");
                 let rt = rt.clone();
                 let id2 = id.to_string();
-                let _ = tokio::task::spawn_blocking(move || rt.kill(&id2, name)).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    wait_started(&rt, &id2);
+                    rt.kill(&id2, name)
+                })
+                .await;
                 deadline.get_or_insert(tokio::time::Instant::now() + Duration::from_secs(stop_timeout));
             }
             _ = kill_at => {
