@@ -20,6 +20,16 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 /// Docker manifest list media type.
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// OCI image config media type.
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+/// Docker image config media type.
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+/// OCI gzip layer media type (also the one eStargz layers carry, so any runtime can unpack them).
+pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// OCI zstd layer media type (also zstd:chunked's).
+pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+/// Docker gzip layer media type.
+pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
 /// The `Accept` header for manifest requests: every type lazypull understands.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";

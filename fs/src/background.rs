@@ -126,6 +126,13 @@ pub fn on_demand_in_flight() -> usize {
     ON_DEMAND.load(Ordering::SeqCst)
 }
 
+/// Whether a fill may run alongside on-demand reads: a workload has been reading without a
+/// pause for [`HEAVY_AFTER`] (it reads much, and waiting for a pause would leave the link idle
+/// between its serial reads) and no prefetch runs (prefetch always goes first).
+fn may_run_alongside() -> bool {
+    heavy_reading() && PREFETCHING.load(Ordering::SeqCst) == 0
+}
+
 /// How long background work should still wait before its next step (`None`: go now).
 fn wait_needed(quiet: Duration) -> Option<Duration> {
     if ON_DEMAND.load(Ordering::SeqCst) > 0 || PREFETCHING.load(Ordering::SeqCst) > 0 {
@@ -142,7 +149,7 @@ pub async fn wait_fill_start(quiet: Duration) {
     loop {
         match wait_needed(quiet) {
             None => return,
-            Some(_) if heavy_reading() && PREFETCHING.load(Ordering::SeqCst) == 0 => return,
+            Some(_) if may_run_alongside() => return,
             Some(wait) => tokio::time::sleep(wait.max(Duration::from_millis(5))).await,
         }
     }
@@ -190,7 +197,7 @@ pub async fn fill_turn(bytes: u64, held: u64) -> FillTurn {
                     };
                 }
             }
-            Some(_) if heavy_reading() && PREFETCHING.load(Ordering::SeqCst) == 0 => {
+            Some(_) if may_run_alongside() => {
                 let alongside = acquire(&ALONGSIDE, 1).await;
                 let permit = acquire(&FILL_BYTES, units).await;
                 // A prefetch may have started meanwhile: it goes first.

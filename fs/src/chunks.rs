@@ -1,6 +1,6 @@
 //! Serving file content from chunks: cache, fetch, decompress, verify.
 //!
-//! [`LayerSource`] is the data path of DESIGN section 3. A read of `[offset, offset+len)` of a
+//! [`LayerSource`] is the data path of docs/design.md section 3. A read of `[offset, offset+len)` of a
 //! file maps to the chunks covering it; each chunk comes from the content-addressed
 //! [`ChunkCache`] or, on a miss, from the blob (its compressed span, through the
 //! [`BlobReader`], which merges the spans of one read into one request), is decompressed,
@@ -501,7 +501,7 @@ impl LayerSource {
             let c = *chunk;
             let cache = self.inner.cache.clone();
             // A local copy is itself the verified store of its chunks: they go to memory only.
-            let local = self.inner.blob.local_path().is_some();
+            let local = self.is_local();
             let verified = cpu(move || -> Result<Option<Bytes>, ChunkError> {
                 let data = decompress(compression, &compressed, &c).map_err(|detail| {
                     ChunkError::Corrupt {
@@ -841,10 +841,16 @@ impl LayerSource {
         self.inner.runtime.spawn_blocking(work);
     }
 
+    /// Whether the layer is served from a verified local copy of its blob (the whole-layer
+    /// fallback) rather than from the registry.
+    pub fn is_local(&self) -> bool {
+        self.inner.blob.local_path().is_some()
+    }
+
     /// Whether every chunk of the layer is stored on this node: in the cache, or in the local
     /// copy the layer is served from.
     pub fn is_complete(&self) -> bool {
-        if self.inner.blob.local_path().is_some() {
+        if self.is_local() {
             return true;
         }
         self.inner

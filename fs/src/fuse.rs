@@ -1,4 +1,4 @@
-//! The FUSE filesystem that serves one layer read-only (`LayerFs` in DESIGN section 2).
+//! The FUSE filesystem that serves one layer read-only (`LayerFs` in docs/design.md section 2).
 //!
 //! A mounted layer answers every metadata request (lookup, getattr, readdir, readlink, xattrs,
 //! statfs) from the immutable [`Layer`] model in memory, and every read of file content through a
@@ -14,7 +14,7 @@
 //! and the file is opened with FUSE passthrough (kernel >= 6.9), so its reads never reach this
 //! process at all.
 //!
-//! Whiteouts are presented as overlayfs expects them in a lower layer (DESIGN 4.1): the model has
+//! Whiteouts are presented as overlayfs expects them in a lower layer (docs/design.md 4.1): the model has
 //! already turned `.wh.NAME` into a character device 0/0, and opaque directories get the
 //! `trusted.overlay.opaque` (and `user.overlay.opaque`, for `userxattr` overlay mounts) xattr
 //! with value `y`.

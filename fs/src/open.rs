@@ -24,8 +24,8 @@ use crate::local::{self, LayerCompression, LocalRequest, ProgressFn};
 use crate::toc::Layer;
 use crate::zstd_chunked::{self, TocHint, ZstdChunkedError};
 
-/// Manifest annotation with the digest of an eStargz layer's TOC JSON.
-pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// Manifest annotation with the digest of a layer's TOC JSON (defined with the TOC format).
+pub use crate::toc::json::TOC_DIGEST_ANNOTATION;
 
 /// What the manifest says about one layer.
 #[derive(Debug, Clone)]

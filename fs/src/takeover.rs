@@ -1,4 +1,4 @@
-//! Taking over a live FUSE connection from a daemon that died (DESIGN section 4.4, issue 6).
+//! Taking over a live FUSE connection from a daemon that died, so its mounts survive the crash.
 //!
 //! A FUSE mount lives as long as some process holds its `/dev/fuse` descriptor. When the daemon
 //! keeps a duplicate of every layer's descriptor in a separate keeper process, a daemon killed

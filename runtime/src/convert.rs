@@ -41,20 +41,15 @@ use lazypull_fs::zstd_chunked::{self, ZstdChunkedError};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-/// Manifest layer annotation: digest of the eStargz TOC JSON.
-pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
-/// Manifest layer annotation: size of the uncompressed tar of an eStargz layer.
-pub const UNCOMPRESSED_SIZE_ANNOTATION: &str = "io.containers.estargz.uncompressed-size";
+pub use lazypull_fs::estargz::{TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION};
 /// OCI image layout: the annotation naming a manifest in `index.json`.
 const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 /// buildx marks attestation manifests in an index with this annotation.
 const REFERENCE_TYPE_ANNOTATION: &str = "vnd.docker.reference.type";
 
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
-const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+use lazypull_fetcher::manifest::{
+    DOCKER_CONFIG, DOCKER_LAYER_GZIP, OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_ZSTD,
+};
 
 /// Largest manifest, index or config accepted from an OCI layout (as from a registry).
 const MAX_DOCUMENT: u64 = 8 << 20;

@@ -20,7 +20,7 @@
 //!   bytes per entry + 8 MiB per layer.
 //!
 //! Absolute numbers drift on a shared machine; the ratios measured in one run are what to
-//! compare (DESIGN section 6 gives the targets).
+//! compare (docs/design.md section 6 gives the targets).
 
 use std::collections::BTreeMap;
 use std::io::Read;

@@ -1,7 +1,7 @@
 //! Cold-start benchmark of `lazypull run`: the time from invoking `lazypull run --rm IMAGE` to
 //! the container's first line of output, for the realistic python-shaped image on loopback,
 //! against a full pull of the same image (`skopeo copy` + `umoci raw unpack` + `runc run`)
-//! measured in the same run. DESIGN section 6 targets >= 3x on loopback.
+//! measured in the same run. docs/design.md section 6 targets >= 3x on loopback.
 //!
 //! `cargo build --release -p lazypull && cargo run --release -p lazypull-benches --bin run-bench
 //! [-- --runs N | --quick | --demo]` (root, FUSE, overlayfs; Debian packages docker-registry,

@@ -10,10 +10,9 @@
 //! Memory is bounded by a small copy buffer plus the TOC being built: file data is streamed,
 //! never held. Reordering for prefetch spools the input to an unlinked temporary file.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::Engine as _;
 use flate2::Compression;
@@ -24,15 +23,14 @@ use serde::Serialize;
 use tar::EntryType;
 
 use super::{
-    format_rfc3339, EstargzError, LANDMARK_CONTENTS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
-    TOC_TAR_NAME,
+    EstargzError, LANDMARK_CONTENTS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME,
 };
+use crate::toc::spool::{numeric, plan_prefetch, PlannedEntry};
+use crate::toc::time::format_rfc3339;
 use crate::toc::{path_problem, split_path};
 
 const BLOCK: u64 = 512;
 const COPY_BUF: usize = 64 * 1024;
-/// How deep prefetch planning follows hard links to their targets.
-const MAX_LINK_DEPTH: usize = 256;
 
 /// How to write the blob.
 #[derive(Debug, Clone)]
@@ -618,16 +616,6 @@ fn pax_blocks(records: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<u8>, EstargzError> {
     Ok(out)
 }
 
-/// A numeric header field; a blank one (all NUL or spaces, as some writers leave unused
-/// fields) reads as 0 instead of failing the conversion.
-fn numeric(raw: &[u8], parsed: io::Result<u64>) -> io::Result<u64> {
-    if raw.iter().all(|b| *b == 0 || *b == b' ') {
-        Ok(0)
-    } else {
-        parsed
-    }
-}
-
 fn utf8(path: &str, what: &str, bytes: &[u8]) -> Result<String, EstargzError> {
     String::from_utf8(bytes.to_vec()).map_err(|_| EstargzError::BadInput {
         path: path.to_string(),
@@ -785,38 +773,9 @@ fn prepare<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Prepared>, E
     }))
 }
 
-/// An anonymous temporary file (unlinked right after creation) for spooling the input.
+/// A spool file for reordering, with the error that says so.
 fn spool_file() -> Result<File, EstargzError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let mut last = io::Error::other("no attempt made");
-    for _ in 0..16 {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = dir.join(format!(
-            ".lazypull-estargz-{}-{nanos}-{n}",
-            std::process::id()
-        ));
-        match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-        {
-            Ok(f) => {
-                let _ = std::fs::remove_file(&path);
-                return Ok(f);
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = e,
-            Err(e) => return Err(io_err("creating a spool file for reordering")(e)),
-        }
-    }
-    Err(io_err("creating a spool file for reordering")(last))
+    crate::toc::spool::spool_file("estargz").map_err(io_err("creating a spool file for reordering"))
 }
 
 /// Where an entry sits in the spool, and what prefetch planning needs to know about it.
@@ -824,6 +783,15 @@ struct Spooled {
     start: u64,
     path: String,
     hardlink_target: Option<String>,
+}
+
+impl PlannedEntry for Spooled {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn hardlink_target(&self) -> Option<&str> {
+        self.hardlink_target.as_deref()
+    }
 }
 
 /// Prefetch layout: the input is spooled (normalised) to a temporary file, the prefetched
@@ -933,66 +901,6 @@ fn emit_spooled<W: Write>(
     }
 }
 
-/// Chooses the entries to move to the front, in order: for each prefetch path, its parent
-/// directories' entries, its hard-link target (recursively), then every occurrence of the path
-/// itself (all occurrences, so "later entry wins" is preserved).
-fn plan_prefetch(index: &[Spooled], list: &[String]) -> Vec<usize> {
-    let mut by_path: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, s) in index.iter().enumerate() {
-        if !s.path.is_empty() {
-            by_path.entry(s.path.as_str()).or_default().push(i);
-        }
-    }
-    struct Plan<'a> {
-        index: &'a [Spooled],
-        by_path: HashMap<&'a str, Vec<usize>>,
-        taken: HashSet<String>,
-        moved: HashSet<usize>,
-        front: Vec<usize>,
-    }
-    impl Plan<'_> {
-        fn take(&mut self, path: &str, depth: usize) {
-            if path.is_empty() || depth > MAX_LINK_DEPTH || !self.taken.insert(path.to_string()) {
-                return;
-            }
-            // Parent directories first.
-            let mut end = 0;
-            while let Some(rel) = path.get(end..).and_then(|r| r.find('/')) {
-                end += rel;
-                if let Some(parent) = path.get(..end) {
-                    self.take(parent, depth);
-                }
-                end += 1;
-            }
-            let occurrences = self.by_path.get(path).cloned().unwrap_or_default();
-            for &i in &occurrences {
-                let target = self.index.get(i).and_then(|s| s.hardlink_target.clone());
-                if let Some(t) = target {
-                    self.take(&t, depth + 1);
-                }
-            }
-            for i in occurrences {
-                if self.moved.insert(i) {
-                    self.front.push(i);
-                }
-            }
-        }
-    }
-    let mut plan = Plan {
-        index,
-        by_path,
-        taken: HashSet::new(),
-        moved: HashSet::new(),
-        front: Vec::new(),
-    };
-    for p in list {
-        if let Ok(parts) = split_path(p) {
-            plan.take(&parts.join("/"), 0);
-        }
-    }
-    plan.front
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -1000,7 +908,7 @@ mod tests {
 
     use flate2::read::{GzDecoder, MultiGzDecoder};
 
-    use super::super::reader::{open_toc, Prefetch, ReaderConfig};
+    use super::super::{open_toc, Prefetch, ReaderConfig};
     use super::*;
     use crate::toc::{Kind, Layer, NodeId};
 
@@ -1471,31 +1379,6 @@ mod tests {
                 open_toc(&blob, 0, blob.len() as u64, None, &ReaderConfig::default()).unwrap();
             let f = opened.layer.resolve("f").unwrap();
             assert_eq!(read_file(&opened.layer, &blob, f), b"hi");
-        }
-    }
-
-    #[test]
-    fn rfc3339_round_trip() {
-        use super::super::parse_rfc3339;
-        for secs in [0i64, 1, 951_782_400, 1_566_297_043, 4_102_444_800, -86_400] {
-            let s = format_rfc3339(secs).unwrap();
-            assert_eq!(parse_rfc3339(&s), Some(secs), "{s}");
-        }
-        assert_eq!(
-            format_rfc3339(1_566_297_043).unwrap(),
-            "2019-08-20T10:30:43Z"
-        );
-        assert_eq!(
-            parse_rfc3339("2019-08-20T12:30:43.123+02:00"),
-            Some(1_566_297_043)
-        );
-        for bad in [
-            "",
-            "2019-02-30T00:00:00Z",
-            "2019-08-20 10:30:43",
-            "2019-08-20T10:30:43+2",
-        ] {
-            assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
     }
 }

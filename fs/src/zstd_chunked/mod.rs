@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 
 use lazypull_fetcher::Digest;
 
-use crate::toc::TocError;
+use crate::toc::json::TocJsonError;
 
 /// Annotation with the digest of the compressed TOC (containers/storage's "TOC digest" of a
 /// zstd:chunked layer).
@@ -54,11 +54,8 @@ pub const LEGACY_MANIFEST_POSITION_ANNOTATION: &str =
 /// The only TOC type defined: a CRFS-compatible JSON TOC.
 pub const MANIFEST_TYPE_CRFS: u64 = 1;
 
-/// TOC-level key (an extension: other readers ignore unknown keys) with the blob offset where
-/// the data of the entries our writer placed first for prefetching ends; 0 means "nothing to
-/// prefetch". zstd:chunked has no landmark files, and adding one would put a stray file into
-/// every container that podman unpacks from the layer.
-pub const PREFETCH_END_KEY: &str = "lazypull.prefetchEnd";
+/// TOC-level key with where the prefetch area ends; defined with the TOC JSON it belongs to.
+pub use crate::toc::json::PREFETCH_END_KEY;
 
 /// Magic of a zstd skippable frame (the first byte may be `0x50..=0x5f`).
 const SKIPPABLE_MAGIC: [u8; 4] = [0x50, 0x2a, 0x4d, 0x18];
@@ -258,83 +255,6 @@ pub enum ZstdChunkedError {
         /// What is wrong.
         detail: String,
     },
-    /// The TOC is not the JSON object the format describes.
-    #[error("TOC JSON is invalid: {detail}")]
-    TocJson {
-        /// What is wrong (with serde's line/column).
-        detail: String,
-    },
-    /// The TOC declares a version other than 1 or 2.
-    #[error("unsupported zstd:chunked TOC version {0} (versions 1 and 2 are defined)")]
-    UnsupportedVersion(String),
-    /// More TOC entries than the reader configuration allows.
-    #[error("TOC has more than {limit} entries")]
-    TooManyEntries {
-        /// The configured limit.
-        limit: usize,
-    },
-    /// A TOC entry has a type the format does not define.
-    #[error("TOC entry #{index} ({name:?}) has unknown type {kind:?}")]
-    UnknownType {
-        /// Position in the TOC's entry list.
-        index: usize,
-        /// Its name.
-        name: String,
-        /// The type found.
-        kind: String,
-    },
-    /// A `chunk` entry that does not continue a non-empty regular file.
-    #[error("TOC entry #{index} ({name:?}) is a chunk that does not continue a preceding non-empty regular file{detail}")]
-    OrphanChunk {
-        /// Position in the TOC's entry list.
-        index: usize,
-        /// Its name.
-        name: String,
-        /// Extra context.
-        detail: String,
-    },
-    /// An entry's blob offset lies outside the data area before the TOC.
-    #[error("TOC entry #{index} ({name:?}) has {field} {offset}, outside the blob's data area [0, {data_end})")]
-    OffsetOutOfRange {
-        /// Position in the TOC's entry list.
-        index: usize,
-        /// Its name.
-        name: String,
-        /// Which field.
-        field: &'static str,
-        /// The value found (may be negative).
-        offset: i128,
-        /// Where the data area ends (the first metadata frame).
-        data_end: u64,
-    },
-    /// An entry field is malformed.
-    #[error("TOC entry #{index} ({name:?}): {detail}")]
-    BadEntry {
-        /// Position in the TOC's entry list.
-        index: usize,
-        /// Its name.
-        name: String,
-        /// What is wrong.
-        detail: String,
-    },
-    /// The layer model rejected an entry.
-    #[error("TOC entry #{index} ({name:?}): {source}")]
-    Layer {
-        /// Position in the TOC's entry list.
-        index: usize,
-        /// Its name.
-        name: String,
-        /// Why the model rejected it.
-        source: TocError,
-    },
-    /// Hard links that point at each other in a cycle.
-    #[error("hard link {path:?} -> {target:?} is part of a hard-link loop")]
-    HardlinkLoop {
-        /// One link of the loop.
-        path: String,
-        /// Its target.
-        target: String,
-    },
     /// Writer options are unusable.
     #[error("invalid zstd:chunked writer options: {0}")]
     BadOptions(String),
@@ -362,6 +282,9 @@ pub enum ZstdChunkedError {
         /// The error.
         source: std::io::Error,
     },
+    /// The TOC JSON or one of its entries was refused.
+    #[error(transparent)]
+    Toc(#[from] TocJsonError),
 }
 
 /// Builders shared by the reader's and writer's tests.

@@ -20,11 +20,10 @@
 //! the input to an unlinked temporary file.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::Engine as _;
 use lazypull_fetcher::digest::Verifier;
@@ -36,7 +35,10 @@ use super::{
     layer_annotations, TarSplitPosition, TocPosition, ZstdChunkedError, FOOTER_MAGIC, FOOTER_SIZE,
     MANIFEST_TYPE_CRFS, SKIPPABLE_HEADER, SKIPPABLE_MAGIC,
 };
-use crate::estargz::{format_rfc3339, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME};
+use crate::estargz::TOC_TAR_NAME;
+use crate::toc::json::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
+use crate::toc::spool::{numeric, plan_prefetch, PlannedEntry};
+use crate::toc::time::format_rfc3339;
 use crate::toc::{path_problem, split_path};
 
 const BLOCK: u64 = 512;
@@ -50,8 +52,6 @@ const TAR_SPLIT_SEGMENT_CAP: usize = 1 << 20;
 /// Bits of the rolling checksum that must all be ones at a chunk boundary (containers/storage's
 /// `RollsumBits`).
 const ROLLSUM_BITS: u32 = 16;
-/// How deep prefetch planning follows hard links to their targets.
-const MAX_LINK_DEPTH: usize = 256;
 
 /// How to write the blob.
 #[derive(Debug, Clone)]
@@ -1105,16 +1105,6 @@ impl<R: Read> Read for Tee<R> {
     }
 }
 
-/// A numeric header field; a blank one (all NUL or spaces, as some writers leave unused
-/// fields) reads as 0.
-fn numeric(raw: &[u8], parsed: io::Result<u64>) -> io::Result<u64> {
-    if raw.iter().all(|b| *b == 0 || *b == b' ') {
-        Ok(0)
-    } else {
-        parsed
-    }
-}
-
 fn utf8(path: &str, what: &str, bytes: &[u8]) -> Result<String, ZstdChunkedError> {
     String::from_utf8(bytes.to_vec()).map_err(|_| ZstdChunkedError::BadInput {
         path: path.to_string(),
@@ -1396,38 +1386,10 @@ fn head_extension_len(head: &[u8]) -> usize {
 // ---------------------------------------------------------------------------------------------
 // Prefetch reordering
 
-/// An anonymous temporary file (unlinked right after creation) for spooling the input.
+/// A spool file for reordering, with the error that says so.
 fn spool_file() -> Result<File, ZstdChunkedError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let mut last = io::Error::other("no attempt made");
-    for _ in 0..16 {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = dir.join(format!(
-            ".lazypull-zstdchunked-{}-{nanos}-{n}",
-            std::process::id()
-        ));
-        match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-        {
-            Ok(f) => {
-                let _ = std::fs::remove_file(&path);
-                return Ok(f);
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = e,
-            Err(e) => return Err(io_err("creating a spool file for reordering")(e)),
-        }
-    }
-    Err(io_err("creating a spool file for reordering")(last))
+    crate::toc::spool::spool_file("zstdchunked")
+        .map_err(io_err("creating a spool file for reordering"))
 }
 
 /// Where one entry sits in the spool: its head, data and trailing raw bytes (padding).
@@ -1437,6 +1399,15 @@ struct Spooled {
     head: u64,
     data: u64,
     tail: u64,
+}
+
+impl PlannedEntry for Spooled {
+    fn path(&self) -> &str {
+        &self.info.path
+    }
+    fn hardlink_target(&self) -> Option<&str> {
+        self.info.hardlink_target.as_deref()
+    }
 }
 
 /// First pass of a reordering conversion: the input, spooled with an index.
@@ -1600,80 +1571,10 @@ impl Consumer for Spool {
     }
 }
 
-/// Chooses the entries to move to the front, in order: for each prefetch path, its parent
-/// directories' entries, its hard-link target (recursively), then every occurrence of the path
-/// itself (all occurrences, so "later entry wins" is preserved).
-fn plan_prefetch(items: &[Spooled], list: &[String]) -> Vec<usize> {
-    let mut by_path: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, s) in items.iter().enumerate() {
-        if !s.info.path.is_empty() {
-            by_path.entry(s.info.path.as_str()).or_default().push(i);
-        }
-    }
-    struct Plan<'a> {
-        items: &'a [Spooled],
-        by_path: HashMap<&'a str, Vec<usize>>,
-        taken: HashSet<String>,
-        moved: HashSet<usize>,
-        front: Vec<usize>,
-    }
-    impl Plan<'_> {
-        fn take(&mut self, path: &str, depth: usize) {
-            if path.is_empty() || depth > MAX_LINK_DEPTH || !self.taken.insert(path.to_string()) {
-                return;
-            }
-            let mut end = 0;
-            while let Some(rel) = path.get(end..).and_then(|r| r.find('/')) {
-                end += rel;
-                if let Some(parent) = path.get(..end) {
-                    self.take(parent, depth);
-                }
-                end += 1;
-            }
-            let occurrences = self.by_path.get(path).cloned().unwrap_or_default();
-            for &i in &occurrences {
-                let target = self
-                    .items
-                    .get(i)
-                    .and_then(|s| s.info.hardlink_target.clone());
-                if let Some(t) = target {
-                    self.take(&t, depth + 1);
-                }
-            }
-            for i in occurrences {
-                if self.moved.insert(i) {
-                    self.front.push(i);
-                }
-            }
-        }
-    }
-    let mut plan = Plan {
-        items,
-        by_path,
-        taken: HashSet::new(),
-        moved: HashSet::new(),
-        front: Vec::new(),
-    };
-    for p in list {
-        if let Ok(parts) = split_path(p) {
-            plan.take(&parts.join("/"), 0);
-        }
-    }
-    // PAX global headers apply to the entries after them: those met before the first moved
-    // entry stay ahead of it.
-    let Some(&first) = plan.front.iter().min() else {
-        return Vec::new();
-    };
-    let mut front: Vec<usize> = (0..first)
-        .filter(|&i| items.get(i).is_some_and(|s| s.info.toc.is_none()))
-        .collect();
-    front.extend(plan.front);
-    front
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::collections::HashMap;
     use std::io::Read;
 
     use super::super::reader::{open_toc, TocHint};

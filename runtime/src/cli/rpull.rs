@@ -38,6 +38,7 @@ use containerd_client::services::v1::{
 };
 use containerd_client::types::Descriptor;
 use lazypull_fetcher::{Digest, Platform, Reference};
+use lazypull_fs::toc::time::format_rfc3339;
 use lazypull_snapshotter::{
     LABEL_CRI_IMAGE_LAYERS, LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST,
     LABEL_SNAPSHOT_REF,
@@ -48,12 +49,8 @@ use tonic::{Code, Request};
 
 use crate::config::Settings;
 
-/// Labels the daemon reads (see `daemon::snapshots`); spelled here too because the CLI does
-/// not link the daemon's module privately.
-const LABEL_SIZE: &str = "containerd.io/snapshot/remote/lazypull.size";
-const LABEL_MEDIA_TYPE: &str = "containerd.io/snapshot/remote/lazypull.media-type";
-const LABEL_ANNOTATIONS: &str = "containerd.io/snapshot/remote/lazypull.annotations";
-const TOC_DIGEST_ANNOTATION: &str = lazypull_fs::open::TOC_DIGEST_ANNOTATION;
+use crate::daemon::snapshots::{LABEL_ANNOTATIONS, LABEL_MEDIA_TYPE, LABEL_SIZE};
+use lazypull_fs::estargz::TOC_DIGEST_ANNOTATION;
 /// containerd's limit on one label (key and value).
 const MAX_LABEL: usize = 4096;
 /// Content is written in messages of this size (gRPC's default limit is 4 MiB).
@@ -114,26 +111,11 @@ impl Ctx {
     }
 }
 
-/// RFC 3339 UTC time `secs` after the epoch (for `containerd.io/gc.expire`).
+/// RFC 3339 UTC time `secs` after the epoch (for `containerd.io/gc.expire`); a time past
+/// year 9999 cannot be written and is clamped to its end.
 fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let secs = i64::try_from(secs).unwrap_or(i64::MAX);
+    format_rfc3339(secs).unwrap_or_else(|| "9999-12-31T23:59:59Z".to_string())
 }
 
 /// Chain IDs of `diff_ids` (base first), as the OCI image spec defines them.
@@ -704,5 +686,6 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(u64::MAX), "9999-12-31T23:59:59Z");
     }
 }

@@ -1,6 +1,6 @@
 //! The FUSE keeper: a small process that holds a duplicate of every layer mount's `/dev/fuse`
 //! descriptor, so a daemon killed with SIGKILL (or crashed) does not take its mounts down with
-//! it (issue 6). The kernel keeps a FUSE connection alive while any process holds its
+//! it. The kernel keeps a FUSE connection alive while any process holds its
 //! descriptor; containers' reads of files not read before then wait instead of failing with
 //! "Transport endpoint is not connected", and the next daemon takes the same connections over
 //! ([`lazypull_fs::fuse::LayerMount::take_over`]) and answers them.

@@ -9,13 +9,13 @@
 //! the recorded images again.
 
 mod containers;
-pub mod keeper; // holds FUSE connections across daemon restarts (issue 6)
-mod layer_store; // podman / CRI-O additional layer store (issue 7)
+pub mod keeper; // holds FUSE connections across daemon restarts
+mod layer_store; // podman / CRI-O additional layer store
 mod layers;
 pub mod metrics;
 pub mod mounts;
 pub mod profiles;
-mod snapshots; // containerd snapshotter (issue 6)
+pub(crate) mod snapshots; // containerd snapshotter; `rpull` writes the labels it reads
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
@@ -168,7 +168,7 @@ impl State {
 /// request. `ready` is called once the socket accepts connections.
 pub async fn serve(settings: Settings, registry: Registry, ready: impl FnOnce()) -> Result<()> {
     let root = settings.root.clone();
-    // One daemon per root (the snapshotter's store needs it; issue 6).
+    // One daemon per root: the snapshotter's store has one writer.
     let Some(_root_lock) = snapshots::lock_root(&root, &settings.address).await? else {
         ready();
         return Ok(());
@@ -297,7 +297,7 @@ pub async fn serve(settings: Settings, registry: Registry, ready: impl FnOnce())
         }
     }
     if let Some(s) = snapshotter {
-        s.stop().await; // containerd snapshotter (issue 6)
+        s.stop().await; // containerd snapshotter
     }
     if let Some(s) = layer_store {
         // Blocking: waits for the session thread, which may be answering from a task.
@@ -736,7 +736,7 @@ async fn images(state: &Shared) -> Result<Reply> {
                     if entry.local {
                         local_layers += 1;
                     }
-                    if entry.local || entry.source.is_complete() {
+                    if entry.source.is_complete() {
                         cached += l.size;
                     }
                 }
@@ -887,7 +887,7 @@ async fn info(state: &Shared) -> Result<Reply> {
     let complete = st
         .layers
         .values()
-        .filter(|l| l.local || l.source.is_complete())
+        .filter(|l| l.source.is_complete())
         .count();
     Ok(Reply::data(serde_json::json!({
         "pid": std::process::id(),

@@ -40,7 +40,7 @@ pub const LABEL_ANNOTATIONS: &str = "containerd.io/snapshot/remote/lazypull.anno
 const MAX_LABEL: usize = 4096;
 
 /// gzip layer media type assumed when a client sent neither a media type nor a manifest.
-const GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const GZIP_LAYER: &str = lazypull_fetcher::manifest::OCI_LAYER_GZIP;
 
 /// [`RemoteLayers`] over the daemon's state.
 pub struct DaemonLayers {

@@ -12,6 +12,10 @@
 //! Whiteouts are resolved here as overlayfs expects them: `.wh.NAME` becomes a character device
 //! 0/0 named `NAME`, and `.wh..wh..opq` marks its directory opaque.
 
+pub mod json;
+pub mod spool;
+pub mod time;
+
 use std::collections::HashMap;
 
 use lazypull_fetcher::Digest;
