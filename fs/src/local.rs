@@ -101,8 +101,9 @@ impl LayerCompression {
     }
 
     /// The compression the blob's first bytes show: gzip and zstd (also a skippable frame)
-    /// magic, else an uncompressed tar.
-    fn sniff(head: &[u8]) -> LayerCompression {
+    /// magic, else an uncompressed tar. Content wins over the media type when they disagree,
+    /// because registries in the wild mislabel layers.
+    pub fn sniff(head: &[u8]) -> LayerCompression {
         if head.starts_with(&[0x1f, 0x8b]) {
             LayerCompression::Gzip
         } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
@@ -112,6 +113,22 @@ impl LayerCompression {
         } else {
             LayerCompression::None
         }
+    }
+
+    /// The tar inside `input`, decompressed as `self` says. Every conversion (the whole-layer
+    /// fallback, `lazypull convert` and `push`) reads layers through this one decoder set, so
+    /// a layer the daemon serves is one `convert` accepts: concatenated gzip members (pigz)
+    /// and zstd written with long-distance matching (`zstd --long`, windows up to 2 GiB).
+    pub fn decoder<'a, R: io::BufRead + 'a>(self, input: R) -> io::Result<Box<dyn Read + 'a>> {
+        Ok(match self {
+            LayerCompression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
+            LayerCompression::Zstd => {
+                let mut d = zstd::stream::read::Decoder::with_buffer(input)?;
+                d.window_log_max(31)?;
+                Box::new(d)
+            }
+            LayerCompression::None => Box::new(input),
+        })
     }
 }
 
@@ -725,18 +742,9 @@ fn convert_input(
         report,
     };
     let buffered = BufReader::with_capacity(1 << 20, counting);
-    let tar_in: Box<dyn Read> = match actual {
-        LayerCompression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
-        LayerCompression::Zstd => {
-            let mut d = zstd::stream::read::Decoder::with_buffer(buffered)
-                .map_err(|e| local_err(dest, "starting the zstd decoder", e))?;
-            // Accept layers written with long-distance matching (`zstd --long`).
-            d.window_log_max(31)
-                .map_err(|e| local_err(dest, "configuring the zstd decoder", e))?;
-            Box::new(d)
-        }
-        LayerCompression::None => Box::new(buffered),
-    };
+    let tar_in = actual
+        .decoder(buffered)
+        .map_err(|e| local_err(dest, "starting the decompressor", e))?;
 
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let tmp = dir.join(format!(

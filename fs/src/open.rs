@@ -5,7 +5,9 @@
 //! layers are served lazily ([`open_estargz`], [`open_zstd_chunked`]); any other tar layer
 //! (plain gzip, zstd, uncompressed; OCI or Docker media types) is fetched whole, verified and
 //! converted once into a local eStargz copy ([`crate::local`]), so every image runs. Which way
-//! a layer went, and why, is in [`OpenedLayer::served`].
+//! a layer went, and why, is in [`OpenedLayer::served`]. Which way it goes is decided in one
+//! place, [`probe_layer`], which the daemon also asks before it tells containerd or podman that
+//! a layer is served remotely, so the two can never disagree.
 //!
 //! The blob bytes a lazy layer's TOC was read from are saved under `local_dir` (see
 //! [`saved_toc_path`]), tagged with their format, so a restarted daemon mounts the layer again
@@ -396,13 +398,12 @@ pub async fn open_zstd_chunked(
     reader: &ReaderConfig,
     source: SourceConfig,
 ) -> Result<OpenedLayer, OpenError> {
-    open_zstd_chunked_tail(engine, cache, reference, desc, reader, source, None)
+    open_zstd_chunked_tail(engine, cache, reference, desc, reader, source)
         .await
         .map(|(opened, _, _)| opened)
 }
 
-/// [`open_zstd_chunked`], also returning the bytes read (start offset and bytes); `probe` is
-/// the blob's tail when the caller already read it to look for a footer.
+/// [`open_zstd_chunked`], also returning the bytes read (start offset and bytes).
 async fn open_zstd_chunked_tail(
     engine: &FetchEngine,
     cache: &ChunkCache,
@@ -410,7 +411,6 @@ async fn open_zstd_chunked_tail(
     desc: &LayerDescriptor,
     reader: &ReaderConfig,
     source: SourceConfig,
-    probe: Option<Bytes>,
 ) -> Result<(OpenedLayer, u64, Bytes), OpenError> {
     let layer = desc.digest;
     let size = desc.size;
@@ -441,13 +441,8 @@ async fn open_zstd_chunked_tail(
         (false, _) => {
             // No position: the footer says where the TOC is; read from there to the end (TOC,
             // tar-split and footer), so the saved bytes reopen the same way.
-            let tail = match probe {
-                Some(p) => p,
-                None => {
-                    let len = (zstd_chunked::FOOTER_PROBE_LEN as u64).min(size);
-                    blob.read_toc_at(size - len, len).await.map_err(fetch)?
-                }
-            };
+            let len = (zstd_chunked::FOOTER_PROBE_LEN as u64).min(size);
+            let tail = blob.read_toc_at(size - len, len).await.map_err(fetch)?;
             // The reader checks the footer's position and sizes against the limits first and
             // says from where to read.
             let tail_start = size - tail.len() as u64;
@@ -509,12 +504,11 @@ async fn open_zstd_chunked_tail(
 ///
 /// - A valid local copy made earlier is used first, with no registry access at all (a daemon
 ///   restoring its mounts must not need the registry).
-/// - gzip layers with the TOC digest annotation, or whose footer parses, go through
-///   [`open_estargz`]; if their TOC turns out unusable, the layer falls back to the whole
-///   fetch (logged with the reason) rather than failing the pull.
-/// - zstd layers with zstd:chunked annotations, or whose footer is a zstd:chunked footer, go
-///   through [`open_zstd_chunked`], falling back the same way.
-/// - Plain zstd, uncompressed and footer-less gzip layers take the whole fetch.
+/// - Layers whose TOC the manifest binds (see [`probe_layer`]) are opened from their saved TOC
+///   or through [`open_estargz`] / [`open_zstd_chunked`]; if the TOC turns out unusable, the
+///   layer falls back to the whole fetch (logged with the reason) rather than failing the pull.
+/// - Every other tar layer (plain gzip or zstd, uncompressed, unbound TOCs) takes the whole
+///   fetch, with the probe's reason.
 /// - Registry errors (unreachable, unauthorized, not found, digest mismatch) are returned as
 ///   [`OpenError::Fetch`], never turned into a fallback: the whole fetch would fail the same
 ///   way. Media types that are not tar layers give [`OpenError::Unsupported`].
@@ -569,19 +563,17 @@ pub async fn open_layer_with_progress(
     {
         return Ok(opened);
     }
-    let reason = match compression {
-        // A verified download left by an interrupted conversion: an earlier run already chose
-        // the whole fetch, and finishing it needs no registry at all.
-        _ if local::download_path(local_dir, &layer).exists() => static_reason(compression, desc),
-        LayerCompression::Gzip => {
-            match try_estargz(
-                engine,
-                cache,
-                reference,
-                desc,
-                reader,
-                source.clone(),
-                local_dir,
+    let reason = match probe_layer(engine, reference, desc, local_dir).await? {
+        // The local copy was there but could not be used (`reuse_local` said why): make it again.
+        Probe::Local => static_reason(compression, desc),
+        Probe::Whole(reason) => {
+            // A TOC saved for this layer earlier (by a version that trusted it) is never reused.
+            let _ = std::fs::remove_file(saved_toc_path(local_dir, &layer));
+            reason
+        }
+        Probe::Lazy(format) => {
+            match open_lazy(
+                engine, cache, reference, desc, reader, &source, local_dir, format,
             )
             .await?
             {
@@ -589,23 +581,6 @@ pub async fn open_layer_with_progress(
                 Err(reason) => reason,
             }
         }
-        LayerCompression::Zstd => {
-            match try_zstd_chunked(
-                engine,
-                cache,
-                reference,
-                desc,
-                reader,
-                source.clone(),
-                local_dir,
-            )
-            .await?
-            {
-                Ok(opened) => return Ok(opened),
-                Err(reason) => reason,
-            }
-        }
-        LayerCompression::None => static_reason(compression, desc),
     };
     local::fetch_local(LocalRequest {
         engine: engine.clone(),
@@ -639,49 +614,86 @@ fn static_reason(compression: LayerCompression, desc: &LayerDescriptor) -> Strin
     }
 }
 
-/// Tries a gzip layer as eStargz. The outer error is a registry failure (returned as is);
-/// the inner `Err` is the reason to fall back to the whole fetch.
-async fn try_estargz(
+/// How a layer is read, as [`probe_layer`] decides it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// A local copy of the layer, verified when it was made, is on this node.
+    Local,
+    /// Read lazily: the manifest binds a TOC of this format.
+    Lazy(LazyFormat),
+    /// Fetched whole and verified against the layer digest, for this reason.
+    Whole(String),
+}
+
+/// The format of a layer read lazily.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LazyFormat {
+    /// eStargz, bound by the TOC digest annotation.
+    Estargz,
+    /// zstd:chunked, bound by the manifest-checksum annotation.
+    ZstdChunked,
+}
+
+/// Decides how a layer is read: from a local copy, lazily (and in which format), or whole (and
+/// why). The one owner of that decision: [`open_layer`] follows it, and the daemon asks it
+/// before telling containerd or podman that a layer is served remotely.
+///
+/// Only annotations that bind a TOC to the manifest make a layer lazy: a TOC nothing ties to
+/// the manifest digest is never trusted. A layer without them costs at most one small read of
+/// its end, only to say why it is fetched whole (plain gzip, an unbound eStargz TOC, ...);
+/// refusing a TOC found that way is counted in the metrics. Registry errors are returned as
+/// [`OpenError::Fetch`]; media types that are not tar layers as [`OpenError::Unsupported`].
+pub async fn probe_layer(
     engine: &FetchEngine,
-    cache: &ChunkCache,
     reference: &Reference,
     desc: &LayerDescriptor,
-    reader: &ReaderConfig,
-    source: SourceConfig,
     local_dir: &Path,
-) -> Result<Result<OpenedLayer, String>, OpenError> {
+) -> Result<Probe, OpenError> {
     let layer = desc.digest;
-    if let Some(opened) = open_saved_toc(
-        engine,
-        cache,
-        reference,
-        desc,
-        reader,
-        &source,
-        local_dir,
-        TocFormat::Estargz,
-    ) {
-        return Ok(Ok(opened));
+    let compression = LayerCompression::from_media_type(&desc.media_type).map_err(|detail| {
+        OpenError::Unsupported {
+            layer,
+            media_type: desc.media_type.clone(),
+            detail,
+        }
+    })?;
+    if local::local_copy_path(local_dir, &layer).exists() {
+        return Ok(Probe::Local);
+    }
+    // A verified download left by an interrupted conversion: an earlier run already chose the
+    // whole fetch, and finishing it needs no registry at all.
+    if local::download_path(local_dir, &layer).exists() {
+        return Ok(Probe::Whole(static_reason(compression, desc)));
     }
     let mt = &desc.media_type;
-    if !desc.annotations.contains_key(TOC_DIGEST_ANNOTATION) {
-        // No annotation: one small read of the footer tells eStargz from plain gzip, only to
-        // say why the layer is fetched whole; its TOC would not be trusted either way.
-        let len = (estargz::FOOTER_SIZE as u64).min(desc.size);
-        if len < estargz::EXTERNAL_TOC_FOOTER_SIZE as u64 {
-            return Ok(Err(format!(
-                "no eStargz footer: the {}-byte blob is too small (media type {mt})",
-                desc.size
-            )));
-        }
-        let tail = engine
+    let read_end = |len: u64| async move {
+        let len = len.min(desc.size);
+        engine
             .blob(reference, layer, Some(desc.size))
             .read_toc_at(desc.size - len, len)
             .await
-            .map_err(|source| OpenError::Fetch { layer, source })?;
-        match estargz::parse_footer(&tail) {
-            Ok((Footer::Estargz { .. } | Footer::Legacy { .. }, _)) => {
-                return Ok(Err(refuse_unbound(
+            .map_err(|source| OpenError::Fetch { layer, source })
+    };
+    match compression {
+        LayerCompression::None => Ok(Probe::Whole(static_reason(compression, desc))),
+        LayerCompression::Gzip => {
+            match expected_toc(desc) {
+                Ok(Some(_)) => return Ok(Probe::Lazy(LazyFormat::Estargz)),
+                Err(detail) => {
+                    let e = OpenError::BadAnnotation { layer, detail };
+                    return Ok(Probe::Whole(refuse_invalid(&e, "estargz", "eStargz")));
+                }
+                Ok(None) => {}
+            }
+            if desc.size < estargz::EXTERNAL_TOC_FOOTER_SIZE as u64 {
+                return Ok(Probe::Whole(format!(
+                    "no eStargz footer: the {}-byte blob is too small (media type {mt})",
+                    desc.size
+                )));
+            }
+            let tail = read_end(estargz::FOOTER_SIZE as u64).await?;
+            Ok(Probe::Whole(match estargz::parse_footer(&tail) {
+                Ok((Footer::Estargz { .. } | Footer::Legacy { .. }, _)) => refuse_unbound(
                     &OpenError::Unbound {
                         layer,
                         format: "eStargz",
@@ -689,114 +701,97 @@ async fn try_estargz(
                     },
                     "estargz",
                     mt,
-                )))
-            }
-            Ok((Footer::ExternalToc, _)) => {
-                return Ok(Err(format!(
-                    "eStargz with an external TOC is not supported yet (media type {mt})"
-                )))
-            }
-            Err(_) => {
-                return Ok(Err(format!(
+                ),
+                Ok((Footer::ExternalToc, _)) => {
+                    format!("eStargz with an external TOC is not supported yet (media type {mt})")
+                }
+                Err(_) => format!(
                     "no eStargz TOC: plain gzip layer without an eStargz footer (media type {mt})"
-                )))
+                ),
+            }))
+        }
+        LayerCompression::Zstd => {
+            let hint = match TocHint::from_annotations(&desc.annotations) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(layer = %layer, error = %e,
+                        "zstd:chunked annotations are unusable; falling back to a verified whole-layer fetch");
+                    return Ok(Probe::Whole(format!(
+                        "zstd:chunked annotations unusable: {e} (media type {mt})"
+                    )));
+                }
+            };
+            if hint.is_bound() {
+                return Ok(Probe::Lazy(LazyFormat::ZstdChunked));
             }
+            // Without a position either, one small read of the footer tells zstd:chunked from
+            // plain zstd.
+            if hint.toc.is_none() {
+                let plain = || {
+                    Probe::Whole(format!(
+                        "no TOC: plain zstd layer without a zstd:chunked footer (media type {mt})"
+                    ))
+                };
+                if desc.size < 48 {
+                    return Ok(plain());
+                }
+                let tail = read_end(zstd_chunked::FOOTER_PROBE_LEN as u64).await?;
+                if zstd_chunked::parse_footer(&tail).is_err() {
+                    return Ok(plain());
+                }
+            }
+            Ok(Probe::Whole(refuse_unbound(
+                &OpenError::Unbound {
+                    layer,
+                    format: "zstd:chunked",
+                    annotation: zstd_chunked::MANIFEST_CHECKSUM_ANNOTATION,
+                },
+                "zstd_chunked",
+                mt,
+            )))
         }
-    }
-    match open_estargz_tail(engine, cache, reference, desc, reader, source).await {
-        Ok((opened, start, tail)) => {
-            save_toc(local_dir, &layer, TocFormat::Estargz, start, &tail);
-            Ok(Ok(opened))
-        }
-        Err(e @ OpenError::Fetch { .. }) => Err(e),
-        Err(e) => Ok(Err(refuse_invalid(&e, "estargz", "eStargz"))),
     }
 }
 
-/// Tries a zstd layer as zstd:chunked. The outer error is a registry failure (returned as is);
-/// the inner `Err` is the reason to fall back to the whole fetch.
-async fn try_zstd_chunked(
+/// Opens a layer the probe found lazy: from its saved TOC when there is one, else from the
+/// registry. The outer error is a registry failure (returned as is); the inner `Err` is the
+/// reason to fall back to the whole fetch (a TOC that does not verify or parse).
+#[allow(clippy::too_many_arguments)]
+async fn open_lazy(
     engine: &FetchEngine,
     cache: &ChunkCache,
     reference: &Reference,
     desc: &LayerDescriptor,
     reader: &ReaderConfig,
-    source: SourceConfig,
+    source: &SourceConfig,
     local_dir: &Path,
+    format: LazyFormat,
 ) -> Result<Result<OpenedLayer, String>, OpenError> {
-    let layer = desc.digest;
-    let mt = &desc.media_type;
+    let (saved, metric, name) = match format {
+        LazyFormat::Estargz => (TocFormat::Estargz, "estargz", "eStargz"),
+        LazyFormat::ZstdChunked => (TocFormat::ZstdChunked, "zstd_chunked", "zstd:chunked"),
+    };
     if let Some(opened) = open_saved_toc(
-        engine,
-        cache,
-        reference,
-        desc,
-        reader,
-        &source,
-        local_dir,
-        TocFormat::ZstdChunked,
+        engine, cache, reference, desc, reader, source, local_dir, saved,
     ) {
         return Ok(Ok(opened));
     }
-    let hint = match TocHint::from_annotations(&desc.annotations) {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::warn!(layer = %layer, error = %e,
-                "zstd:chunked annotations are unusable; falling back to a verified whole-layer fetch");
-            return Ok(Err(format!(
-                "zstd:chunked annotations unusable: {e} (media type {mt})"
-            )));
+    let source = source.clone();
+    let opened = match format {
+        LazyFormat::Estargz => {
+            open_estargz_tail(engine, cache, reference, desc, reader, source).await
+        }
+        LazyFormat::ZstdChunked => {
+            open_zstd_chunked_tail(engine, cache, reference, desc, reader, source).await
         }
     };
-    let mut probe = None;
-    if !hint.is_bound() {
-        // No checksum annotation: its TOC would not be trusted. Without a position either, one
-        // small read of the footer tells zstd:chunked from plain zstd, only to say why the
-        // layer is fetched whole.
-        if hint.toc.is_none() {
-            let plain = || {
-                format!("no TOC: plain zstd layer without a zstd:chunked footer (media type {mt})")
-            };
-            let len = (zstd_chunked::FOOTER_PROBE_LEN as u64).min(desc.size);
-            if len < 48 {
-                return Ok(Err(plain()));
-            }
-            let tail = engine
-                .blob(reference, layer, Some(desc.size))
-                .read_toc_at(desc.size - len, len)
-                .await
-                .map_err(|source| OpenError::Fetch { layer, source })?;
-            if zstd_chunked::parse_footer(&tail).is_err() {
-                return Ok(Err(plain()));
-            }
-        }
-        return Ok(Err(refuse_unbound(
-            &OpenError::Unbound {
-                layer,
-                format: "zstd:chunked",
-                annotation: zstd_chunked::MANIFEST_CHECKSUM_ANNOTATION,
-            },
-            "zstd_chunked",
-            mt,
-        )));
-    }
-    if hint.toc.is_none() {
-        // A checksum but no position: the footer says where the TOC is.
-        let len = (zstd_chunked::FOOTER_PROBE_LEN as u64).min(desc.size);
-        let tail = engine
-            .blob(reference, layer, Some(desc.size))
-            .read_toc_at(desc.size - len, len)
-            .await
-            .map_err(|source| OpenError::Fetch { layer, source })?;
-        probe = Some(tail);
-    }
-    match open_zstd_chunked_tail(engine, cache, reference, desc, reader, source, probe).await {
-        Ok((opened, start, data)) => {
-            save_toc(local_dir, &layer, TocFormat::ZstdChunked, start, &data);
+    match opened {
+        Ok((opened, start, tail)) => {
+            save_toc(local_dir, &desc.digest, saved, start, &tail);
             Ok(Ok(opened))
         }
         Err(e @ OpenError::Fetch { .. }) => Err(e),
-        Err(e) => Ok(Err(refuse_invalid(&e, "zstd_chunked", "zstd:chunked"))),
+        Err(e) => Ok(Err(refuse_invalid(&e, metric, name))),
     }
 }
 

@@ -22,8 +22,8 @@ use lazypull_fs::chunks::SourceConfig;
 use lazypull_fs::estargz::{self, ReaderConfig, WriterOptions};
 use lazypull_fs::local::{self, Phase, Progress};
 use lazypull_fs::open::{
-    open_layer, open_layer_with_progress, LayerDescriptor, OpenError, OpenedLayer, Served,
-    TOC_DIGEST_ANNOTATION,
+    open_layer, open_layer_with_progress, probe_layer, LayerDescriptor, LazyFormat, OpenError,
+    OpenedLayer, Probe, Served, TOC_DIGEST_ANNOTATION,
 };
 use lazypull_fs::toc::Kind;
 use lazypull_tests::{
@@ -608,6 +608,19 @@ async fn estargz_layers_open_lazily_only_when_the_manifest_binds_their_toc() {
     saved.extend_from_slice(&0u64.to_le_bytes());
     saved.extend_from_slice(&blob2);
     std::fs::write(dirs.local.join(format!("{}.toc", unbound.hex())), saved).unwrap();
+    // The probe the daemon asks before it tells containerd a layer is remote decides as the
+    // open below does.
+    for desc in &descs {
+        let probe = probe_layer(&engine, &r, desc, &dirs.local).await.unwrap();
+        if desc.digest == unbound {
+            assert!(
+                matches!(&probe, Probe::Whole(reason) if reason.contains("not bound to the manifest")),
+                "{probe:?}"
+            );
+        } else {
+            assert_eq!(probe, Probe::Lazy(LazyFormat::Estargz));
+        }
+    }
     for desc in &descs {
         let opened = open(&engine, &cache, &r, desc, &dirs.local).await.unwrap();
         let whole = proxy.count(|q| {

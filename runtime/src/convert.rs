@@ -29,7 +29,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flate2::read::MultiGzDecoder;
 use lazypull_fetcher::digest::Verifier;
 use lazypull_fetcher::manifest::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 use lazypull_fetcher::{
@@ -364,20 +363,6 @@ impl<R: Read> Read for Tap<'_, R> {
     }
 }
 
-/// The compression a blob's first bytes show (gzip, zstd or a zstd skippable frame), else
-/// an uncompressed tar.
-fn sniff(head: &[u8]) -> LayerCompression {
-    if head.starts_with(&[0x1f, 0x8b]) {
-        LayerCompression::Gzip
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
-        || (head.len() >= 4 && head[0] & 0xf0 == 0x50 && head[1..4] == [0x2a, 0x4d, 0x18])
-    {
-        LayerCompression::Zstd
-    } else {
-        LayerCompression::None
-    }
-}
-
 /// Converts the layer blob at `src` (gzip, zstd or plain tar, told by its magic bytes; the
 /// media type only breaks ties for empty blobs) into `dst`, streaming. `verify` checks the
 /// source blob's digest on the way (for blobs not verified by a download). `progress` gets
@@ -423,15 +408,9 @@ fn convert_layer_inner(
         let head = input
             .fill_buf()
             .map_err(io_err(format!("reading {}", src.display())))?;
-        let compression = sniff(head);
-        let tar: Box<dyn Read + '_> = match compression {
-            LayerCompression::Gzip => Box::new(MultiGzDecoder::new(input)),
-            LayerCompression::Zstd => Box::new(
-                zstd::stream::read::Decoder::with_buffer(input)
-                    .map_err(io_err("starting the zstd decoder"))?,
-            ),
-            LayerCompression::None => Box::new(input),
-        };
+        let tar = LayerCompression::sniff(head)
+            .decoder(input)
+            .map_err(io_err("starting the decompressor"))?;
         match opts.format {
             Format::Estargz => {
                 let defaults = WriterOptions::default();
@@ -1441,6 +1420,7 @@ pub fn read_prefetch_list(path: &Path) -> Result<Vec<String>, ConvertError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flate2::read::MultiGzDecoder;
     use std::io::Write;
 
     fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
@@ -1481,8 +1461,28 @@ mod tests {
             e.finish().unwrap()
         };
         let zst = zstd::encode_all(&tar[..], 3).unwrap();
+        // `zstd --long=30`: a window that zstd's default decoder refuses, but the daemon's
+        // whole-layer fallback accepts, so `convert` must too.
+        let zst_long = {
+            let mut e = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+            e.long_distance_matching(true).unwrap();
+            e.window_log(30).unwrap();
+            e.write_all(&tar).unwrap();
+            e.finish().unwrap()
+        };
+        assert!(
+            zstd::stream::read::Decoder::new(&zst_long[..])
+                .and_then(|mut d| std::io::copy(&mut d, &mut std::io::sink()))
+                .is_err(),
+            "the long-window frame needs a raised window limit"
+        );
         let mut results = Vec::new();
-        for (name, data) in [("gz", gz), ("zst", zst), ("tar", tar.clone())] {
+        for (name, data) in [
+            ("gz", gz),
+            ("zst", zst),
+            ("zst-long", zst_long),
+            ("tar", tar.clone()),
+        ] {
             let src = dir.path().join(name);
             std::fs::write(&src, &data).unwrap();
             let out = dir.path().join(format!("{name}.out"));

@@ -47,7 +47,7 @@ impl LayerEntry {
     }
 }
 
-fn descriptor(l: &LayerRecord) -> Result<LayerDescriptor> {
+pub(super) fn descriptor(l: &LayerRecord) -> Result<LayerDescriptor> {
     Ok(LayerDescriptor {
         digest: l.digest.parse()?,
         size: l.size,

@@ -17,9 +17,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use lazypull_fetcher::{Digest, Priority, Reference};
-use lazypull_fs::local::LayerCompression;
-use lazypull_fs::open::TOC_DIGEST_ANNOTATION;
+use lazypull_fetcher::{Digest, Reference};
+use lazypull_fs::open::{probe_layer, Probe, TOC_DIGEST_ANNOTATION};
 use lazypull_snapshotter::{
     MountedLayer, RemoteLayer, RemoteLayers, Snapshotter, LABEL_CRI_MANIFEST_DIGEST,
 };
@@ -133,62 +132,17 @@ async fn describe(
     })
 }
 
-/// Whether a layer not mounted yet can be read lazily; the error says why not. A layer the
-/// daemon keeps locally (saved TOC or local copy) always can.
+/// Whether a layer not mounted yet can be read lazily (or from a local copy); the error says
+/// why not. The decision is [`probe_layer`]'s, the same one mounting follows.
 async fn check_lazy(state: &Shared, reference: &Reference, rec: &LayerRecord) -> Result<()> {
-    let digest: Digest = rec.digest.parse()?;
+    let desc = layers::descriptor(rec)?;
     let (engine, local_dir) = {
         let st = state.lock().await;
         (st.engine.clone(), st.settings.root.join("local"))
     };
-    // A local copy is verified; a saved TOC only counts when the manifest binds it (one saved
-    // by an older version may not be), which the checks below decide.
-    if lazypull_fs::local::local_copy_path(&local_dir, &digest).exists() {
-        return Ok(());
-    }
-    let compression =
-        LayerCompression::from_media_type(&rec.media_type).map_err(anyhow::Error::msg)?;
-    let probe = |len: usize| {
-        let engine = engine.clone();
-        async move {
-            let len = (len as u64).min(rec.size);
-            engine
-                .blob(reference, digest, Some(rec.size))
-                .read_at(rec.size - len, len, Priority::OnDemand)
-                .await
-                .context("reading the layer's footer")
-        }
-    };
-    match compression {
-        LayerCompression::Gzip => {
-            if rec.annotations.contains_key(TOC_DIGEST_ANNOTATION) {
-                return Ok(());
-            }
-            let tail = probe(lazypull_fs::estargz::FOOTER_SIZE).await?;
-            match lazypull_fs::estargz::parse_footer(&tail) {
-                Ok((lazypull_fs::estargz::Footer::ExternalToc, _)) => {
-                    bail!("eStargz with an external TOC is not read lazily")
-                }
-                // A TOC nothing ties to the manifest is never trusted (see `open_layer`).
-                Ok(_) => bail!(
-                    "eStargz layer without the {TOC_DIGEST_ANNOTATION} annotation: its TOC is not bound to the manifest"
-                ),
-                Err(_) => bail!("plain gzip layer (no eStargz TOC)"),
-            }
-        }
-        LayerCompression::Zstd => {
-            let bound = lazypull_fs::zstd_chunked::TocHint::from_annotations(&rec.annotations)
-                .is_ok_and(|h| h.is_bound());
-            if bound {
-                return Ok(());
-            }
-            let tail = probe(lazypull_fs::zstd_chunked::FOOTER_PROBE_LEN).await?;
-            match lazypull_fs::zstd_chunked::parse_footer(&tail) {
-                Ok(_) => bail!("zstd:chunked layer without a manifest-checksum annotation: its TOC is not bound to the manifest"),
-                Err(_) => bail!("plain zstd layer (no zstd:chunked TOC)"),
-            }
-        }
-        LayerCompression::None => bail!("uncompressed tar layer (no TOC)"),
+    match probe_layer(&engine, reference, &desc, &local_dir).await? {
+        Probe::Local | Probe::Lazy(_) => Ok(()),
+        Probe::Whole(reason) => bail!("{reason}"),
     }
 }
 
