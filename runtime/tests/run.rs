@@ -264,6 +264,54 @@ async fn exit_codes_and_flags_take_effect() {
     });
 }
 
+/// `run -d` returns once the container runs (ps shows it at once, never as `exited`), and
+/// `rmi -f` stops and removes each container of the image, names it, and leaves no process the
+/// daemon does not know about. Repeated: the defect this guards against was a race.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_detached_returns_running_and_rmi_force_leaves_nothing_behind() {
+    if !have_runc() {
+        eprintln!("runc not installed; skipping");
+        return;
+    }
+    let registry = TestRegistry::plain();
+    push(&registry, "small/app", &small_image(), true).await;
+    let image = format!("{}/small/app:v1", registry.host());
+    tokio::task::block_in_place(|| {
+        let lp = lazypull(&[]);
+        for round in 0..3 {
+            let name = format!("web{round}");
+            let id = lp.ok(&["run", "-d", "--name", &name, &image, "sleep", "300"]);
+            let id = id.trim();
+            let ps = lp.ok(&["ps"]);
+            assert!(
+                ps.contains(&name),
+                "round {round}: ps right after run -d: {ps}"
+            );
+            let json = lp.ok(&["ps", "-a", "--json"]);
+            let list: serde_json::Value = serde_json::from_str(&json).unwrap();
+            let me = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name.as_str())
+                .unwrap_or_else(|| panic!("round {round}: {json}"));
+            assert_eq!(me["status"], "running", "round {round}: {json}");
+            assert_eq!(runc_containers(&lp), vec![id.to_string()], "round {round}");
+            let out = lp.ok(&["rmi", "-f", &image]);
+            assert!(
+                out.contains(&format!("Removed container: {name}")) && out.contains("Untagged:"),
+                "round {round}: {out}"
+            );
+            assert!(
+                runc_containers(&lp).is_empty(),
+                "round {round}: a container was left in runc"
+            );
+            assert_eq!(lp.ok(&["ps", "-a", "-q"]).trim(), "", "round {round}");
+            assert_eq!(mounts_of(&lp, "overlay"), 0, "round {round}");
+        }
+    });
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_containers_share_layer_mounts_and_rm_cleans_up() {
     if !have_runc() {

@@ -112,7 +112,8 @@ pub enum Command {
     },
     /// Remove images; their layers are unmounted unless another image uses them.
     Rmi {
-        /// Also remove the images' stopped containers.
+        /// Also stop and remove every container that uses the images, running or not (each is
+        /// named in the output).
         #[arg(short, long)]
         force: bool,
         /// Image references or digest prefixes.

@@ -142,7 +142,16 @@ pub async fn run(s: &Settings, a: RunArgs) -> Result<u8> {
             cmd.arg("--rm");
         }
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        cmd.spawn().context("starting the container supervisor")?;
+        let mut shim = cmd.spawn().context("starting the container supervisor")?;
+        // Return once the container runs (as `podman run -d` does), so the next command sees
+        // it running; a container that ends at once has ended by then.
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < end && shim.try_wait()?.is_none() {
+            if matches!(rt.state(&created.id).as_deref(), Some("running" | "paused")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         println!("{}", created.id);
         return Ok(0);
     }
@@ -270,6 +279,26 @@ fn wait_started(rt: &Runtime, id: &str) {
     }
 }
 
+/// Waits until the runtime runs the container's program (`true`), or the runtime ends first
+/// (`false`: the program never ran, or ran and ended at once). Bounded: after a minute the
+/// container counts as started whatever the runtime says.
+async fn wait_running(rt: &Runtime, id: &str, runtime: &mut tokio::process::Child) -> Result<bool> {
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if runtime.try_wait()?.is_some() {
+            return Ok(false);
+        }
+        let (rt2, id2) = (rt.clone(), id.to_string());
+        let state = tokio::task::spawn_blocking(move || rt2.state(&id2)).await?;
+        if matches!(state.as_deref(), Some("running" | "paused" | "stopped"))
+            || tokio::time::Instant::now() >= end
+        {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs `runc run` and waits for it, forwarding SIGINT/SIGTERM/SIGHUP/SIGQUIT to the
 /// container (a second one, or `stop_timeout` seconds without exit, kills it). Returns the
 /// container's exit code (128+N when killed by signal N).
@@ -299,15 +328,26 @@ async fn supervise(
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting {}", rt.binary()))?;
-    call(
-        s,
-        &Request::Started {
-            id: id.to_string(),
-            pid: std::process::id(),
-        },
-        false,
-    )
-    .await?;
+    // The start is reported once the runtime runs the program: until then `ps` says `created`.
+    if wait_running(&rt, id, &mut child).await? {
+        let reported = call(
+            s,
+            &Request::Started {
+                id: id.to_string(),
+                pid: std::process::id(),
+            },
+            false,
+        )
+        .await;
+        if let Err(e) = reported {
+            // The daemon no longer knows the container (removed while it started): stop it
+            // rather than leave a process that no command can see or stop.
+            let (rt, id2) = (rt.clone(), id.to_string());
+            let _ = tokio::task::spawn_blocking(move || rt.kill(&id2, "KILL")).await;
+            let _ = child.wait().await;
+            return Err(e.context("the container was removed while it started, so it was stopped"));
+        }
+    }
     let mut deadline: Option<tokio::time::Instant> = None;
     let status = loop {
         let next_signal = async {

@@ -781,8 +781,12 @@ async fn rmi(state: &Shared, image: &str, force: bool) -> Result<Reply> {
         );
     }
     drop(st);
+    let mut out = String::new();
     for c in users {
-        containers::remove(state, &c.id, true).await?;
+        containers::remove(state, &c.id, true)
+            .await
+            .with_context(|| format!("removing container {} of image {key}", c.name))?;
+        out.push_str(&format!("Removed container: {}\n", c.name));
     }
     let mut st = state.lock().await;
     if let Some(e) = st.images.remove(&key) {
@@ -790,10 +794,8 @@ async fn rmi(state: &Shared, image: &str, force: bool) -> Result<Reply> {
             layers::release_all(&mut st, &e.record.layers);
         }
         st.save_images()?;
-        return Ok(Reply::ok(format!(
-            "Untagged: {key}\nDeleted: {}",
-            e.record.digest
-        )));
+        out.push_str(&format!("Untagged: {key}\nDeleted: {}", e.record.digest));
+        return Ok(Reply::ok(out));
     }
     bail!("no such image: {image}")
 }
