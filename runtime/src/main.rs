@@ -10,6 +10,7 @@ mod cli;
 mod config;
 mod convert;
 mod daemon;
+mod program;
 mod report;
 mod runtime;
 mod spec;
@@ -22,17 +23,6 @@ use cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match cli.settings.resolve() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("lazypull: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    cli::init_logging(
-        settings.log_format,
-        matches!(cli.command, Command::Serve | Command::FuseKeeper { .. }),
-    );
     // `run` reports its own failures as 125 so they are told apart from the container's
     // exit codes.
     let failure = if matches!(cli.command, Command::Run(_)) {
@@ -40,6 +30,17 @@ fn main() -> ExitCode {
     } else {
         1
     };
+    let settings = match cli.settings.resolve() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("lazypull: {e}");
+            return ExitCode::from(failure);
+        }
+    };
+    cli::init_logging(
+        settings.log_format,
+        matches!(cli.command, Command::Serve | Command::FuseKeeper { .. }),
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // CPU-heavy work is bounded to one job per core in lazypull-fs; a small blocking pool

@@ -529,6 +529,40 @@ async fn errors_say_what_failed_and_exit_non_zero() {
         );
         check(&["rm", "nosuch"], 1, "no such container");
         check(&["rmi", "nosuch:v9"], 1, "no such image");
+        // The container's program, as podman reports it: 127 not found, 126 not executable,
+        // one line of lazypull's, none of runc's.
+        for (args, code, needle) in [
+            (
+                vec!["run", "--rm", &image, "nosuch"],
+                127,
+                "`nosuch` not found in the container's $PATH",
+            ),
+            (
+                vec!["run", "--rm", "-d", &image, "/srv/nosuch"],
+                127,
+                "not found",
+            ),
+            (
+                vec!["run", "--rm", &image, "/srv/hello.txt"],
+                126,
+                "permission denied",
+            ),
+            (vec!["run", "--rm", &image, "/srv"], 126, "directory"),
+        ] {
+            check(&args, code, needle);
+            assert!(!stderr(&lp.cmd(&args)).contains("level=error"), "{args:?}");
+        }
+        assert_eq!(lp.ok(&["ps", "-a", "-q"]).trim(), "", "--rm removed them");
+        // A config file that does not parse is `run`'s own failure: 125.
+        let bad = lp.root.path().join("bad.toml");
+        std::fs::write(&bad, "cache_mib = [").unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_lazypull"))
+            .arg("--config")
+            .arg(&bad)
+            .args(["run", "--rm", &image])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
         // Not root.
         let out = Command::new("setpriv")
             .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])

@@ -13,6 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use super::{call, ensure_daemon, require_root};
 use crate::api::{Created, Request};
 use crate::config::Settings;
+use crate::program::{self, ProgramError};
 use crate::runtime::Runtime;
 use crate::spec::{self, NetMode, RunOptions};
 
@@ -117,17 +118,25 @@ pub async fn run(s: &Settings, a: RunArgs) -> Result<u8> {
     )
     .await?
     .decode()?;
-    if let Err(e) = write_spec(&created, &a) {
-        let _ = call(
-            s,
-            &Request::Remove {
-                container: created.id.clone(),
-                force: true,
-            },
-            false,
-        )
-        .await;
-        return Err(e);
+    let spec = match write_spec(&created, &a) {
+        Ok(spec) => spec,
+        Err(e) => {
+            let _ = call(
+                s,
+                &Request::Remove {
+                    container: created.id.clone(),
+                    force: true,
+                },
+                false,
+            )
+            .await;
+            return Err(e);
+        }
+    };
+    if let Err(e) = check_program(&created, &spec) {
+        // The container stays, exited with podman's code, unless `--rm` asked otherwise.
+        eprintln!("lazypull: {e}");
+        return finish(s, &created.id, a.rm, Ok(i32::from(e.exit_code()))).await;
     }
     if a.detach {
         let exe = std::env::current_exe().context("finding the lazypull executable")?;
@@ -167,7 +176,7 @@ pub async fn run(s: &Settings, a: RunArgs) -> Result<u8> {
     finish(s, &created.id, a.rm, code).await
 }
 
-fn write_spec(created: &Created, a: &RunArgs) -> Result<()> {
+fn write_spec(created: &Created, a: &RunArgs) -> Result<oci_spec::runtime::Spec> {
     let image: oci_spec::image::ImageConfiguration =
         serde_json::from_value(created.image_config.clone())
             .context("the image's config cannot be read as an OCI image configuration")?;
@@ -189,7 +198,23 @@ fn write_spec(created: &Created, a: &RunArgs) -> Result<()> {
     };
     let spec = spec::build_spec(&image, &opts, &created.bundle.join("rootfs"))?;
     spec::write_config(&created.bundle, &spec)?;
-    Ok(())
+    Ok(spec)
+}
+
+/// Looks the container's program up in its root, as podman does before it starts anything.
+fn check_program(created: &Created, spec: &oci_spec::runtime::Spec) -> Result<(), ProgramError> {
+    let Some(process) = spec.process() else {
+        return Ok(());
+    };
+    let Some(program) = process.args().as_ref().and_then(|a| a.first()) else {
+        return Ok(());
+    };
+    let path = process
+        .env()
+        .as_ref()
+        .and_then(|env| env.iter().rev().find_map(|kv| kv.strip_prefix("PATH=")));
+    let cwd = process.cwd().to_string_lossy();
+    program::check(&created.bundle.join("rootfs"), program, &cwd, path)
 }
 
 /// Tells the daemon how the container ended and removes it when asked; returns the exit code.
