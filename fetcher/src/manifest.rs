@@ -147,6 +147,33 @@ impl Platform {
         }
     }
 
+    /// The platform an image config says its image is for (`os`, `architecture`, `variant`),
+    /// which is the truth for a single-platform image whatever platform was asked for.
+    pub fn of_config(config: &serde_json::Value) -> Option<Platform> {
+        let field = |k: &str| {
+            config
+                .get(k)
+                .and_then(|v| v.as_str())
+                .filter(|v| !v.is_empty())
+        };
+        Some(Platform {
+            os: field("os")?.to_string(),
+            architecture: field("architecture")?.to_string(),
+            variant: field("variant").map(str::to_string),
+        })
+    }
+
+    /// Whether an image for `image` serves a request for this platform: same OS and
+    /// architecture, and the same variant when both name one (as [`Platform::matches`]).
+    pub fn serves(&self, image: &Platform) -> bool {
+        self.os == image.os
+            && self.architecture == image.architecture
+            && match (&self.variant, &image.variant) {
+                (Some(want), Some(have)) => want == have,
+                _ => true,
+            }
+    }
+
     /// Picks the manifest for this platform from an index: an exact variant match first, then
     /// an entry with no variant.
     pub fn select<'a>(&self, index: &'a ImageIndex) -> Option<&'a Descriptor> {
@@ -284,6 +311,23 @@ mod tests {
             assert!(bad.parse::<Platform>().is_err(), "{bad}");
         }
         assert_eq!(Platform::host().os, "linux");
+    }
+
+    #[test]
+    fn a_config_says_which_platform_its_image_serves() {
+        let p = |s: &str| s.parse::<Platform>().unwrap();
+        let cfg = serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v8"});
+        let image = Platform::of_config(&cfg).unwrap();
+        assert_eq!(image, p("linux/arm64/v8"));
+        assert!(p("linux/arm64").serves(&image));
+        assert!(p("linux/arm64/v8").serves(&image));
+        assert!(!p("linux/arm64/v7").serves(&image));
+        assert!(!p("linux/s390x").serves(&image));
+        assert!(!p("windows/arm64").serves(&image));
+        assert_eq!(
+            Platform::of_config(&serde_json::json!({"os": "linux"})),
+            None
+        );
     }
 
     #[test]

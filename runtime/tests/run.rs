@@ -553,6 +553,21 @@ async fn errors_say_what_failed_and_exit_non_zero() {
             assert!(!stderr(&lp.cmd(&args)).contains("level=error"), "{args:?}");
         }
         assert_eq!(lp.ok(&["ps", "-a", "-q"]).trim(), "", "--rm removed them");
+        // A single-platform image is for its own platform, whatever --platform says.
+        check(
+            &["pull", "--platform", "linux/s390x", &image],
+            1,
+            "is an image for linux/amd64, not linux/s390x",
+        );
+        check(
+            &["run", "--rm", "--platform", "linux/s390x", &image],
+            125,
+            "not linux/s390x",
+        );
+        let inspected: serde_json::Value =
+            serde_json::from_str(&lp.ok(&["inspect", "--platform", "linux/s390x", &image]))
+                .unwrap();
+        assert_eq!(inspected["platform"], "linux/amd64");
         // A config file that does not parse is `run`'s own failure: 125.
         let bad = lp.root.path().join("bad.toml");
         std::fs::write(&bad, "cache_mib = [").unwrap();

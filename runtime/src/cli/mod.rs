@@ -648,10 +648,22 @@ async fn inspect(s: &Settings, image: &str, platform: Option<&str>) -> Result<()
         Some(p) => p.parse::<Platform>().map_err(anyhow::Error::msg)?,
         None => Platform::host(),
     };
-    let resolved = registry(s).resolve(&reference, &platform).await?;
+    let registry = registry(s);
+    let resolved = registry.resolve(&reference, &platform).await?;
     let manifest = resolved
         .image()
         .context("registry returned an index where an image manifest was expected")?;
+    // The platform is the image's own (its config's), not the one asked for: a single-platform
+    // image is returned whatever was asked.
+    let config_digest: Digest = manifest.config().digest().to_string().parse()?;
+    let config = registry
+        .fetch_blob(&reference, &config_digest)
+        .await
+        .context("fetching the image config")?;
+    let actual = serde_json::from_slice::<serde_json::Value>(&config)
+        .ok()
+        .and_then(|c| Platform::of_config(&c))
+        .unwrap_or(platform);
     let layers: Vec<serde_json::Value> = manifest
         .layers()
         .iter()
@@ -669,7 +681,7 @@ async fn inspect(s: &Settings, image: &str, platform: Option<&str>) -> Result<()
         "indexDigest": resolved.index.as_ref().map(|i| i.digest.to_string()),
         "manifestDigest": resolved.manifest.digest.to_string(),
         "mediaType": resolved.manifest.media_type,
-        "platform": platform.to_string(),
+        "platform": actual.to_string(),
         "config": manifest.config().digest().to_string(),
         "layers": layers,
     });

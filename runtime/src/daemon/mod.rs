@@ -577,13 +577,21 @@ pub async fn pull(
 ) -> Result<Reply> {
     let reference: Reference = image.parse()?;
     let key = reference.to_string();
+    let asked = platform.is_some();
     let platform = parse_platform(platform)?;
+    // An image pulled for another platform than the one asked for now is resolved again.
+    let serves = |r: &ImageRecord| {
+        !asked
+            || r.platform
+                .parse::<Platform>()
+                .is_ok_and(|have| platform.serves(&have))
+    };
     let started = Instant::now();
     let engine = {
         let st = state.lock().await;
         if !refresh {
             if let Some(e) = st.images.get(&key) {
-                if e.unavailable.is_none() {
+                if e.unavailable.is_none() && serves(&e.record) {
                     return Ok(Reply::data(e.record.digest.clone()));
                 }
             }
@@ -599,7 +607,7 @@ pub async fn pull(
         .get(&key)
         .map(|e| e.record.clone());
     let record = match known {
-        Some(r) if !refresh => r,
+        Some(r) if !refresh && serves(&r) => r,
         _ => {
             let _ = events.send(format!("resolving {key}"));
             let resolved = engine.registry().resolve(&reference, &platform).await?;
@@ -614,6 +622,22 @@ pub async fn pull(
                 .context("fetching the image config")?;
             let config: serde_json::Value =
                 serde_json::from_slice(&config).context("the image config is not JSON")?;
+            // A single-platform image is for the platform its config says, whatever was asked.
+            let actual = Platform::of_config(&config);
+            if let Some(actual) = &actual {
+                if !platform.serves(actual) {
+                    if asked {
+                        bail!(
+                            "{key} is an image for {actual}, not {platform} (it has no manifest \
+                             for other platforms); drop --platform or use an image built for \
+                             {platform}"
+                        );
+                    }
+                    let _ = events.send(format!(
+                        "WARNING: image platform ({actual}) does not match this host ({platform})"
+                    ));
+                }
+            }
             let layers = manifest
                 .layers()
                 .iter()
@@ -630,7 +654,7 @@ pub async fn pull(
             ImageRecord {
                 reference: key.clone(),
                 digest: resolved.manifest.digest.to_string(),
-                platform: platform.to_string(),
+                platform: actual.unwrap_or_else(|| platform.clone()).to_string(),
                 config,
                 layers,
                 pulled: store::now(),
