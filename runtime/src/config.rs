@@ -208,6 +208,26 @@ pub struct SettingsArgs {
 }
 
 impl SettingsArgs {
+    /// The flags given that only a daemon reads when it starts (registry flags are also the
+    /// command's own, for `inspect`, `convert` and `push`), as typed: a command that
+    /// finds a daemon running says they change nothing rather than ignore them silently.
+    pub fn daemon_flags_given(&self) -> Vec<&'static str> {
+        let mut given = Vec::new();
+        let mut flag = |set: bool, name: &'static str| {
+            if set {
+                given.push(name);
+            }
+        };
+        flag(self.cache_mib.is_some(), "--cache-mib");
+        flag(self.background_fill.is_some(), "--background-fill");
+        flag(self.prefetch.is_some(), "--prefetch");
+        flag(self.fill_rate.is_some(), "--fill-rate");
+        flag(self.metrics_address.is_some(), "--metrics-address");
+        flag(self.snapshotter_socket.is_some(), "--snapshotter-socket");
+        flag(self.layer_store.is_some(), "--layer-store");
+        given
+    }
+
     /// Merges flags over the configuration file over defaults.
     pub fn resolve(&self) -> Result<Settings, ConfigError> {
         let file = match &self.config {

@@ -553,6 +553,19 @@ async fn errors_say_what_failed_and_exit_non_zero() {
             assert!(!stderr(&lp.cmd(&args)).contains("level=error"), "{args:?}");
         }
         assert_eq!(lp.ok(&["ps", "-a", "-q"]).trim(), "", "--rm removed them");
+        // Daemon settings given to a command while the daemon runs are said to change nothing,
+        // and a second daemon on the same root says why it exits.
+        let out = lp.cmd(&["--cache-mib", "100", "--background-fill", "false", "images"]);
+        assert!(out.status.success());
+        assert!(
+            stderr(&out).contains("--cache-mib, --background-fill change nothing"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(!stderr(&lp.cmd(&["images"])).contains("change nothing"));
+        let out = lp.cmd(&["serve"]);
+        assert_eq!(stdout(&out).trim(), "READY");
+        assert!(stderr(&out).contains("already serves"), "{}", stderr(&out));
         // A single-platform image is for its own platform, whatever --platform says.
         check(
             &["pull", "--platform", "linux/s390x", &image],

@@ -22,9 +22,57 @@ pub fn preflight() -> Result<()> {
     Ok(())
 }
 
+/// Daemon-only flags given to this command (see [`crate::config::SettingsArgs::daemon_flags_given`]).
+static DAEMON_FLAGS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+
+/// Records the daemon-only flags this command was given, so [`ensure_daemon`] can say that a
+/// daemon already running ignores them.
+pub fn note_daemon_flags(given: Vec<&'static str>) {
+    let _ = DAEMON_FLAGS.set(given);
+}
+
+/// Says that a running daemon keeps the settings it started with, when this command was given
+/// daemon flags whose values differ from the daemon's.
+async fn warn_ignored_flags(s: &Settings) {
+    let Some(given) = DAEMON_FLAGS.get().filter(|g| !g.is_empty()) else {
+        return;
+    };
+    let Ok(reply) = call(s, &Request::Info, false).await else {
+        return;
+    };
+    let theirs: Vec<String> = reply.data["daemon_args"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let ours = s.to_args();
+    let value = |args: &[String], flag: &str| -> Option<String> {
+        args.windows(2).find(|w| w[0] == flag).map(|w| w[1].clone())
+    };
+    let differ: Vec<&str> = given
+        .iter()
+        .copied()
+        .filter(|f| value(&ours, f) != value(&theirs, f))
+        .collect();
+    if differ.is_empty() {
+        return;
+    }
+    eprintln!(
+        "lazypull: warning: the daemon on {} is already running, so {} change nothing: it keeps \
+         the settings it started with (`lazypull shutdown`, then run the command again, to \
+         start it with these)",
+        s.address.display(),
+        differ.join(", ")
+    );
+}
+
 /// Starts the daemon for these settings unless one answers on the socket already.
 pub async fn ensure_daemon(s: &Settings) -> Result<()> {
     if tokio::net::UnixStream::connect(&s.address).await.is_ok() {
+        warn_ignored_flags(s).await;
         return Ok(());
     }
     preflight()?;

@@ -251,6 +251,7 @@ pub fn registry(settings: &Settings) -> Registry {
 /// Runs one command; returns the process exit code.
 pub async fn execute(cli: Cli, settings: Settings) -> Result<u8> {
     let s = &settings;
+    daemon_client::note_daemon_flags(cli.settings.daemon_flags_given());
     match cli.command {
         Command::Serve => {
             daemon_client::preflight()?;

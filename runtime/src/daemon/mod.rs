@@ -170,6 +170,12 @@ pub async fn serve(settings: Settings, registry: Registry, ready: impl FnOnce())
     let root = settings.root.clone();
     // One daemon per root: the snapshotter's store has one writer.
     let Some(_root_lock) = snapshots::lock_root(&root, &settings.address).await? else {
+        eprintln!(
+            "lazypull: a daemon already serves {} on {}; this one exits without serving (the \
+             running one keeps its settings: `lazypull shutdown` first to change them)",
+            root.display(),
+            settings.address.display()
+        );
         ready();
         return Ok(());
     };
@@ -921,6 +927,9 @@ async fn info(state: &Shared) -> Result<Reply> {
         "root": st.settings.root,
         "address": st.settings.address,
         "runtime": st.settings.runtime,
+        // What the daemon started with, as flags: a command given other daemon settings says
+        // they change nothing.
+        "daemon_args": st.settings.to_args(),
         "images": st.images.len(),
         "containers": st.containers.len(),
         "layers_mounted": st.layers.len(),
