@@ -664,6 +664,28 @@ impl ChunkCache {
         Ok(true)
     }
 
+    /// Deletes every chunk `keep` does not want; returns how many and their bytes. For
+    /// `prune --all`, which keeps only what mounted layers can still read.
+    pub fn retain(&self, keep: impl Fn(&Digest) -> bool) -> Result<(usize, u64), CacheError> {
+        let inner = &*self.inner;
+        let mut st = inner.state.lock();
+        let doomed: Vec<(Digest, u64)> = st
+            .index
+            .iter()
+            .filter(|(d, _)| !keep(d))
+            .map(|(d, e)| (*d, e.size))
+            .collect();
+        let (mut count, mut bytes) = (0, 0);
+        for (digest, size) in doomed {
+            let path = inner.blob_path(&digest);
+            remove_if_exists(&path).map_err(io_err("remove", &path))?;
+            st.forget(&digest);
+            count += 1;
+            bytes += size;
+        }
+        Ok((count, bytes))
+    }
+
     /// The backing file of a present chunk (refreshing its recency), so a fully cached file can
     /// be served by FUSE passthrough. The file may be evicted later; an fd opened on it stays
     /// valid, but open it promptly.
@@ -761,6 +783,29 @@ mod tests {
         assert!(!cache.remove(&d).unwrap());
         assert!(!path.exists() && cache.path_of(&d).is_none());
         assert_eq!(cache.stats().used_bytes, 0);
+    }
+
+    #[test]
+    fn retain_deletes_what_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path(), cfg(1 << 20, 1 << 20)).unwrap();
+        let chunks: Vec<_> = (0..4).map(|i| chunk(i, 100 + i as usize)).collect();
+        for (d, data) in &chunks {
+            cache.put(d, data).unwrap();
+        }
+        let kept = chunks[1].0;
+        let (count, bytes) = cache.retain(|d| *d == kept).unwrap();
+        assert_eq!((count, bytes), (3, 100 + 102 + 103));
+        assert!(cache.contains(&kept));
+        for (d, _) in chunks.iter().filter(|(d, _)| *d != kept) {
+            assert!(!cache.contains(d) && cache.get(d).unwrap().is_none());
+        }
+        assert_eq!(cache.stats().used_bytes, 101);
+        assert_consistent(&cache);
+        // Reopened from disk: the deleted chunks are gone there too.
+        drop(cache);
+        let cache = ChunkCache::open(dir.path(), cfg(1 << 20, 0)).unwrap();
+        assert_eq!(cache.stats().entries, 1);
     }
 
     #[test]

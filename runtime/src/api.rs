@@ -92,6 +92,9 @@ pub enum Request {
     Ps,
     /// Unmount layers no image uses, delete their local data, trim the cache to budget.
     Prune,
+    /// `prune --all`: also remove every image no container uses, and every cached chunk no
+    /// mounted layer can read.
+    PruneAll,
     /// Daemon, kernel and cache facts.
     Info,
     /// Per-image, per-layer data path statistics.

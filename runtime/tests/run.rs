@@ -312,6 +312,53 @@ async fn run_detached_returns_running_and_rmi_force_leaves_nothing_behind() {
     });
 }
 
+/// `prune -a` gives the disk back: every image no container uses goes, and with it every
+/// cached chunk no mounted layer can read; an image a container uses stays, with its chunks.
+#[tokio::test(flavor = "multi_thread")]
+async fn prune_all_removes_unused_images_and_their_cached_chunks() {
+    if !have_runc() {
+        eprintln!("runc not installed; skipping");
+        return;
+    }
+    let registry = TestRegistry::plain();
+    push(&registry, "small/app", &small_image(), true).await;
+    let image = format!("{}/small/app:v1", registry.host());
+    tokio::task::block_in_place(|| {
+        let lp = lazypull(&[]);
+        let cache_bytes = || {
+            let v: serde_json::Value = serde_json::from_str(&lp.ok(&["info", "--json"])).unwrap();
+            v["daemon"]["cache_used_bytes"].as_u64().unwrap()
+        };
+        assert_eq!(
+            lp.ok(&["run", "--rm", &image, "cat", "/srv/hello.txt"]),
+            "hello from the image\n"
+        );
+        lp.ok(&["run", "-d", "--name", "keeper", &image, "sleep", "60"]);
+        let before = cache_bytes();
+        assert!(before > 0, "reading the image cached its chunks");
+        // In use by a container: kept, image and chunks.
+        let out = lp.ok(&["prune", "--all"]);
+        assert!(!out.contains("Untagged"), "{out}");
+        assert!(lp.ok(&["images"]).contains("small/app"));
+        assert_eq!(cache_bytes(), before, "{out}");
+        lp.ok(&["rm", "-f", "keeper"]);
+        // Plain prune keeps the cache (the complaint); prune -a empties it.
+        lp.ok(&["prune"]);
+        assert_eq!(cache_bytes(), before);
+        let out = lp.ok(&["prune", "-a"]);
+        assert!(out.contains(&format!("Untagged: {image}")), "{out}");
+        assert!(out.contains("cached chunks"), "{out}");
+        assert_eq!(lp.ok(&["images", "-q"]).trim(), "");
+        assert_eq!(cache_bytes(), 0, "{out}");
+        assert_eq!(mounts_of(&lp, "fuse"), 0, "the layers are unmounted");
+        // And the image still runs afterwards, fetched again.
+        assert_eq!(
+            lp.ok(&["run", "--rm", &image, "cat", "/srv/hello.txt"]),
+            "hello from the image\n"
+        );
+    });
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_containers_share_layer_mounts_and_rm_cleans_up() {
     if !have_runc() {

@@ -121,7 +121,12 @@ pub enum Command {
         images: Vec<String>,
     },
     /// Remove layer data no image uses, and report cache use against its budget.
-    Prune,
+    Prune {
+        /// Also remove every image no container uses, and every cached chunk no mounted layer
+        /// can read (as `podman image prune -a`): the disk is given back.
+        #[arg(short, long)]
+        all: bool,
+    },
     /// Per image and layer: bytes fetched by reason, share cached, fill rate, slowest reads.
     Stats {
         /// An image reference, or a layer digest (prefix); default: every image.
@@ -374,9 +379,14 @@ pub async fn execute(cli: Cli, settings: Settings) -> Result<u8> {
             }
             return Ok(u8::from(failed));
         }
-        Command::Prune => {
+        Command::Prune { all } => {
             ensure_daemon(s).await?;
-            let r = call(s, &Request::Prune, false).await?;
+            let req = if all {
+                Request::PruneAll
+            } else {
+                Request::Prune
+            };
+            let r = call(s, &req, false).await?;
             println!("{}", r.message.unwrap_or_default());
         }
         Command::Info { json } => info(s, json).await?,

@@ -536,7 +536,8 @@ async fn execute(
         Request::Stop { container, timeout } => containers::stop(state, &container, timeout).await,
         Request::Remove { container, force } => containers::remove(state, &container, force).await,
         Request::Ps => containers::ps(state).await,
-        Request::Prune => prune(state).await,
+        Request::Prune => prune(state, false).await,
+        Request::PruneAll => prune(state, true).await,
         Request::Info => info(state).await,
         Request::Stats { target, accessed } => {
             let st = state.lock().await;
@@ -872,8 +873,34 @@ async fn mount_image(
     )))
 }
 
-async fn prune(state: &Shared) -> Result<Reply> {
-    let st = state.lock().await;
+/// Deletes layer files no image uses; with `all`, first removes every image no container or
+/// mount uses, and afterwards every cached chunk no mounted layer can read.
+async fn prune(state: &Shared, all: bool) -> Result<Reply> {
+    let mut st = state.lock().await;
+    let mut out = String::new();
+    if all {
+        let busy: std::collections::HashSet<String> = st
+            .containers
+            .values()
+            .map(|c| c.image.clone())
+            .chain(st.mounts.values().map(|m| m.image.clone()))
+            .collect();
+        let unused: Vec<String> = st
+            .images
+            .keys()
+            .filter(|k| !busy.contains(*k))
+            .cloned()
+            .collect();
+        for key in &unused {
+            if let Some(e) = st.images.remove(key) {
+                if e.unavailable.is_none() {
+                    layers::release_all(&mut st, &e.record.layers);
+                }
+                out.push_str(&format!("Untagged: {key}\n"));
+            }
+        }
+        st.save_images()?;
+    }
     let used: std::collections::HashSet<String> = st
         .images
         .values()
@@ -904,13 +931,34 @@ async fn prune(state: &Shared) -> Result<Reply> {
             }
         }
     }
+    out.push_str(&format!(
+        "removed {removed} unused layer files ({})",
+        human_bytes(freed)
+    ));
+    if all {
+        // What mounted layers can still read: their chunks and whole-file digests.
+        let mut keep = std::collections::HashSet::new();
+        for l in st.layers.values() {
+            let layer = l.source.layer();
+            keep.extend(layer.all_chunks().iter().filter_map(|c| c.digest));
+            keep.extend((0..layer.len() as u32).filter_map(|id| layer.file_digest(id).copied()));
+        }
+        let (chunks, bytes) = st
+            .cache
+            .retain(|d| keep.contains(d))
+            .with_context(|| format!("pruning the chunk cache in {}", st.cache.dir().display()))?;
+        out.push_str(&format!(
+            "; removed {chunks} cached chunks ({})",
+            human_bytes(bytes)
+        ));
+    }
     let cache = st.cache.stats();
-    Ok(Reply::ok(format!(
-        "removed {removed} unused layer files ({}); cache {} of {} budget",
-        human_bytes(freed),
+    out.push_str(&format!(
+        "; cache {} of {} budget",
         human_bytes(cache.used_bytes),
         human_bytes(cache.budget_bytes)
-    )))
+    ));
+    Ok(Reply::ok(out))
 }
 
 async fn info(state: &Shared) -> Result<Reply> {
