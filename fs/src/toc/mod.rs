@@ -13,6 +13,8 @@
 //! 0/0 named `NAME`, and `.wh..wh..opq` marks its directory opaque.
 
 pub mod json;
+#[cfg(test)]
+pub(crate) mod sample;
 pub mod spool;
 pub mod time;
 

@@ -1581,115 +1581,17 @@ mod tests {
     use super::super::PREFETCH_END_KEY;
     use super::*;
     use crate::estargz::{Prefetch, ReaderConfig};
-    use crate::toc::{Chunk, Kind, Layer, NodeId};
+    use crate::toc::sample::{self, header, pseudo_random};
+    use crate::toc::{Chunk, Layer, NodeId};
 
-    const MTIME: u64 = 1_600_000_000;
-
-    fn header(kind: EntryType, mode: u32, size: u64) -> tar::Header {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_size(size);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(MTIME);
-        h
-    }
-
-    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = 0x2545_f491_4f6c_dd1du64 ^ seed;
-        (0..len)
-            .map(|i| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                // Half random, half runs, so it compresses somewhat.
-                if (i / 4096) % 2 == 0 {
-                    x as u8
-                } else {
-                    b'a'
-                }
-            })
-            .collect()
-    }
-
-    fn long_path() -> String {
-        format!("usr/share/{}/file.txt", "a".repeat(120))
-    }
-
-    /// Every entry type, edge sizes, xattrs, whiteouts, a long name, a PAX global header.
+    /// The sample layer with content-defined chunking's edge cases: random data cut often,
+    /// constant runs cut only at the cap.
     fn input_tar() -> (Vec<u8>, BTreeMap<String, Vec<u8>>) {
-        let mut files = BTreeMap::new();
-        let mut b = tar::Builder::new(Vec::new());
-        for dir in ["./", "etc/", "usr/", "usr/bin/", "dev/", "var/", "opt/"] {
-            let mut h = header(EntryType::Directory, 0o755, 0);
-            b.append_data(&mut h, dir, &[][..]).unwrap();
-        }
-        let add = |b: &mut tar::Builder<Vec<u8>>,
-                   files: &mut BTreeMap<String, Vec<u8>>,
-                   path: &str,
-                   mode: u32,
-                   data: Vec<u8>| {
-            let mut h = header(EntryType::Regular, mode, data.len() as u64);
-            b.append_data(&mut h, path, &data[..]).unwrap();
-            files.insert(path.to_string(), data);
-        };
-        let mut h = header(EntryType::Regular, 0o600, 0);
-        h.set_uid(1000);
-        h.set_gid(1001);
-        b.append_data(&mut h, "etc/empty", &[][..]).unwrap();
-        files.insert("etc/empty".into(), Vec::new());
-        b.append_pax_extensions([
-            ("SCHILY.xattr.user.foo", &b"bar"[..]),
-            (
-                "SCHILY.xattr.security.capability",
-                &[1, 0, 0, 2, 0, 0x20, 0, 0][..],
-            ),
+        sample::input_tar(vec![
+            ("usr/bin/big", 0o4755, pseudo_random(3 << 20, 1)),
+            ("usr/bin/zeros", 0o644, vec![0u8; 300_000]),
+            ("usr/bin/ones", 0o644, vec![0xffu8; 300_000]),
         ])
-        .unwrap();
-        add(&mut b, &mut files, "etc/one", 0o644, b"1".to_vec());
-        add(
-            &mut b,
-            &mut files,
-            "usr/bin/big",
-            0o4755,
-            pseudo_random(3 << 20, 1),
-        );
-        add(
-            &mut b,
-            &mut files,
-            "usr/bin/zeros",
-            0o644,
-            vec![0u8; 300_000],
-        );
-        add(
-            &mut b,
-            &mut files,
-            "usr/bin/ones",
-            0o644,
-            vec![0xffu8; 300_000],
-        );
-        add(&mut b, &mut files, &long_path(), 0o644, b"long".to_vec());
-        let mut h = header(EntryType::Symlink, 0o777, 0);
-        b.append_link(&mut h, "usr/bin/link", "big").unwrap();
-        let mut h = header(EntryType::Link, 0o4755, 0);
-        b.append_link(&mut h, "usr/bin/hard", "usr/bin/big")
-            .unwrap();
-        let mut h = header(EntryType::Char, 0o666, 0);
-        h.set_device_major(1).unwrap();
-        h.set_device_minor(3).unwrap();
-        b.append_data(&mut h, "dev/null", &[][..]).unwrap();
-        let mut h = header(EntryType::Block, 0o660, 0);
-        h.set_device_major(8).unwrap();
-        h.set_device_minor(1).unwrap();
-        b.append_data(&mut h, "dev/sda1", &[][..]).unwrap();
-        let mut h = header(EntryType::Fifo, 0o644, 0);
-        b.append_data(&mut h, "dev/fifo", &[][..]).unwrap();
-        let mut h = header(EntryType::Regular, 0o644, 0);
-        b.append_data(&mut h, "var/.wh.foo", &[][..]).unwrap();
-        let mut h = header(EntryType::Regular, 0o644, 0);
-        b.append_data(&mut h, "opt/.wh..wh..opq", &[][..]).unwrap();
-        (b.into_inner().unwrap(), files)
     }
 
     fn write(tar_in: &[u8], opts: &WriterOptions) -> (Vec<u8>, WrittenLayer) {
@@ -1812,70 +1714,16 @@ mod tests {
         assert_eq!(opened.prefetch, Prefetch::Unspecified);
         assert!(!opened.from_footer);
         let l = &opened.layer;
-        for (path, content) in &files {
-            let id = l.resolve(path).unwrap_or_else(|| panic!("{path} missing"));
-            let n = l.node(id).unwrap();
-            assert_eq!(n.kind, Kind::File, "{path}");
-            assert_eq!(n.size, content.len() as u64, "{path}");
-            assert_eq!(n.mtime, MTIME as i64, "{path}");
-            assert_eq!(read_file(l, &blob, id), *content, "{path}");
-            if !content.is_empty() {
-                assert_eq!(l.file_digest(id), Some(&Digest::sha256_of(content)));
-            }
-            for c in l.chunks(id) {
-                assert!(c.size <= opts.chunk_size, "{path}: chunk of {}", c.size);
-                assert_eq!(c.inner_offset, 0);
-            }
+        sample::assert_tree(l, &files, &|id| read_file(l, &blob, id));
+        for c in l.all_chunks() {
+            assert!(c.size <= opts.chunk_size, "chunk of {}", c.size);
+            assert_eq!(c.inner_offset, 0);
         }
         // Content-defined chunks: the random file is cut many times, the constant ones only
         // at the cap (the rolling checksum never fires on a constant run).
         let big = l.resolve("usr/bin/big").unwrap();
         assert!(l.chunks(big).len() > 10, "{}", l.chunks(big).len());
-        assert_eq!(l.node(big).unwrap().mode, 0o4755);
         assert_eq!(l.chunks(l.resolve("usr/bin/zeros").unwrap()).len(), 1);
-        assert!(l.chunks(l.resolve("etc/empty").unwrap()).is_empty());
-        let empty = l.node(l.resolve("etc/empty").unwrap()).unwrap();
-        assert_eq!((empty.mode, empty.uid, empty.gid), (0o600, 1000, 1001));
-        assert_eq!(l.resolve("usr/bin/hard"), Some(big));
-        assert_eq!(l.node(big).unwrap().nlink, 2);
-        let link = l.resolve("usr/bin/link").unwrap();
-        assert_eq!(l.link_target(link), Some(&b"big"[..]));
-        let null = l.node(l.resolve("dev/null").unwrap()).unwrap();
-        assert_eq!(
-            (null.kind, null.dev_major, null.dev_minor, null.mode),
-            (Kind::CharDevice, 1, 3, 0o666)
-        );
-        let sda = l.node(l.resolve("dev/sda1").unwrap()).unwrap();
-        assert_eq!(
-            (sda.kind, sda.dev_major, sda.dev_minor),
-            (Kind::BlockDevice, 8, 1)
-        );
-        assert_eq!(
-            l.node(l.resolve("dev/fifo").unwrap()).unwrap().kind,
-            Kind::Fifo
-        );
-        let wh = l.node(l.resolve("var/foo").unwrap()).unwrap();
-        assert_eq!(
-            (wh.kind, wh.dev_major, wh.dev_minor),
-            (Kind::CharDevice, 0, 0)
-        );
-        assert!(l.node(l.resolve("opt").unwrap()).unwrap().opaque);
-        let one = l.resolve("etc/one").unwrap();
-        let mut x: Vec<(Vec<u8>, Vec<u8>)> = l
-            .xattrs(one)
-            .map(|(k, v)| (k.to_vec(), v.to_vec()))
-            .collect();
-        x.sort();
-        assert_eq!(
-            x,
-            vec![
-                (
-                    b"security.capability".to_vec(),
-                    vec![1, 0, 0, 2, 0, 0x20, 0, 0]
-                ),
-                (b"user.foo".to_vec(), b"bar".to_vec()),
-            ]
-        );
 
         // The footer alone finds the same TOC.
         let by_footer = open_toc(
