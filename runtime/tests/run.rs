@@ -600,6 +600,12 @@ async fn errors_say_what_failed_and_exit_non_zero() {
             assert!(!stderr(&lp.cmd(&args)).contains("level=error"), "{args:?}");
         }
         assert_eq!(lp.ok(&["ps", "-a", "-q"]).trim(), "", "--rm removed them");
+        // -t with no terminal on stdin (the test's stdin is not one): lazypull's own failure.
+        check(
+            &["run", "--rm", "-t", &image, "true"],
+            125,
+            "-t needs a terminal",
+        );
         // Daemon settings given to a command while the daemon runs are said to change nothing,
         // and a second daemon on the same root says why it exits.
         let out = lp.cmd(&["--cache-mib", "100", "--background-fill", "false", "images"]);

@@ -3,6 +3,7 @@
 //! runtime, so stdio, the terminal, signals and the exit code pass straight through. A detached
 //! container (`-d`) gets the same supervisor as a background process writing its log.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -98,6 +99,9 @@ pub async fn run(s: &Settings, a: RunArgs) -> Result<u8> {
     }
     if a.detach && a.tty {
         bail!("-t with -d is not supported yet: run detached without -t, or in the foreground with -it");
+    }
+    if a.tty && !std::io::stdin().is_terminal() {
+        bail!("-t needs a terminal on standard input, and this one is not: run it from a terminal, or drop -t (keep -i to pass input through)");
     }
     ensure_daemon(s).await?;
     let shown = if a.command.is_empty() {
