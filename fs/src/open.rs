@@ -541,13 +541,8 @@ pub async fn open_layer_with_progress(
     progress: Option<ProgressFn>,
 ) -> Result<OpenedLayer, OpenError> {
     let layer = desc.digest;
-    let compression = LayerCompression::from_media_type(&desc.media_type).map_err(|detail| {
-        OpenError::Unsupported {
-            layer,
-            media_type: desc.media_type.clone(),
-            detail,
-        }
-    })?;
+    let compression = LayerCompression::from_media_type(&desc.media_type)
+        .map_err(|detail| unsupported(desc, detail))?;
     if let Some(opened) = local::reuse_local(
         cache,
         desc,
@@ -594,6 +589,15 @@ pub async fn open_layer_with_progress(
         progress,
     })
     .await
+}
+
+/// The error for a media type lazypull cannot serve (`detail` says why).
+fn unsupported(desc: &LayerDescriptor, detail: String) -> OpenError {
+    OpenError::Unsupported {
+        layer: desc.digest,
+        media_type: desc.media_type.clone(),
+        detail,
+    }
 }
 
 /// Why a layer of this compression is not read lazily, known from the manifest alone.
@@ -650,13 +654,8 @@ pub async fn probe_layer(
     local_dir: &Path,
 ) -> Result<Probe, OpenError> {
     let layer = desc.digest;
-    let compression = LayerCompression::from_media_type(&desc.media_type).map_err(|detail| {
-        OpenError::Unsupported {
-            layer,
-            media_type: desc.media_type.clone(),
-            detail,
-        }
-    })?;
+    let compression = LayerCompression::from_media_type(&desc.media_type)
+        .map_err(|detail| unsupported(desc, detail))?;
     if local::local_copy_path(local_dir, &layer).exists() {
         return Ok(Probe::Local);
     }

@@ -49,6 +49,19 @@ fn small_image() -> Vec<Vec<u8>> {
     vec![data, busybox_layer(&["srv/hello.txt".to_string()])]
 }
 
+/// A registry holding the small image as eStargz, and the image's reference; `None` (after
+/// saying so) where runc is missing.
+async fn small_app() -> Option<(TestRegistry, String)> {
+    if !have_runc() {
+        eprintln!("runc not installed; skipping");
+        return None;
+    }
+    let registry = TestRegistry::plain();
+    push(&registry, "small/app", &small_image(), true).await;
+    let image = format!("{}/small/app:v1", registry.host());
+    Some((registry, image))
+}
+
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -269,13 +282,9 @@ async fn exit_codes_and_flags_take_effect() {
 /// daemon does not know about. Repeated: the defect this guards against was a race.
 #[tokio::test(flavor = "multi_thread")]
 async fn run_detached_returns_running_and_rmi_force_leaves_nothing_behind() {
-    if !have_runc() {
-        eprintln!("runc not installed; skipping");
+    let Some((_registry, image)) = small_app().await else {
         return;
-    }
-    let registry = TestRegistry::plain();
-    push(&registry, "small/app", &small_image(), true).await;
-    let image = format!("{}/small/app:v1", registry.host());
+    };
     tokio::task::block_in_place(|| {
         let lp = lazypull(&[]);
         for round in 0..3 {
@@ -316,13 +325,9 @@ async fn run_detached_returns_running_and_rmi_force_leaves_nothing_behind() {
 /// cached chunk no mounted layer can read; an image a container uses stays, with its chunks.
 #[tokio::test(flavor = "multi_thread")]
 async fn prune_all_removes_unused_images_and_their_cached_chunks() {
-    if !have_runc() {
-        eprintln!("runc not installed; skipping");
+    let Some((_registry, image)) = small_app().await else {
         return;
-    }
-    let registry = TestRegistry::plain();
-    push(&registry, "small/app", &small_image(), true).await;
-    let image = format!("{}/small/app:v1", registry.host());
+    };
     tokio::task::block_in_place(|| {
         let lp = lazypull(&[]);
         let cache_bytes = || {
